@@ -1,0 +1,99 @@
+"""Gradient checkpoints: the documented input of the TracIn-CP and influence-function simulators.
+
+Produced by a reference training run (the training-runs code) and stored as one ``.npz``
+file (no pickles). With K checkpoints, n training and m test examples, d (projected)
+gradient dimensions and T updates:
+
+- ``steps``: ``int64[K]`` number of updates done when each checkpoint was taken, increasing.
+- ``learning_rates``: ``float64[T]`` learning rate of update t at index t-1.
+- ``train_grads``: ``float[K, n, d]`` per-example gradients of the training loss.
+- ``test_grads``: ``float[K, m, d]`` per-example gradients of the test losses.
+- ``batch_size``: training batch size (the batch loss is a mean, so one example moves the
+  weights by lr / b times its gradient).
+- ``curvature`` (optional): ``float[K, d, d]`` damped Gauss-Newton matrices on the same
+  projection; when absent, the empirical Fisher ``G^T G / n`` of the training gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from simfluence.runset import RunSet
+
+
+class GradientError(ValueError):
+    """Raised for malformed or mismatched gradient checkpoints."""
+
+
+@dataclass(frozen=True)
+class GradientCheckpoints:
+    steps: np.ndarray
+    learning_rates: np.ndarray
+    train_grads: np.ndarray
+    test_grads: np.ndarray
+    batch_size: int
+    curvatures: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        steps = np.asarray(self.steps, dtype=np.int64)
+        train, test = np.asarray(self.train_grads), np.asarray(self.test_grads)
+        if train.ndim != 3 or test.ndim != 3:
+            raise GradientError(f"train_grads and test_grads must be [K, n, d] and [K, m, d], got {train.shape}, {test.shape}")
+        K, d = train.shape[0], train.shape[2]
+        if steps.shape != (K,) or test.shape[0] != K or test.shape[2] != d:
+            raise GradientError(f"steps {steps.shape}, train_grads {train.shape} and test_grads {test.shape} disagree on K or d")
+        if K == 0 or np.any(np.diff(steps) <= 0) or steps[0] < 0:
+            raise GradientError(f"steps must be non-negative and strictly increasing, got {steps.tolist()}")
+        for name, array in (("train_grads", train), ("test_grads", test), ("learning_rates", self.learning_rates)):
+            if not np.all(np.isfinite(array)):
+                raise GradientError(f"{name} has NaN or infinite values")
+        if self.batch_size < 1:
+            raise GradientError(f"batch_size must be positive, got {self.batch_size}")
+        if self.curvatures is not None and np.asarray(self.curvatures).shape != (K, d, d):
+            raise GradientError(f"curvatures must be [K, d, d] = [{K}, {d}, {d}], got {np.asarray(self.curvatures).shape}")
+        object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "learning_rates", np.asarray(self.learning_rates, dtype=np.float64))
+
+    def check_matches(self, runs: RunSet) -> None:
+        """Raise unless the gradients cover the runs' n training and m test examples."""
+        n, m = self.train_grads.shape[1], self.test_grads.shape[1]
+        if n != runs.n_train or m != runs.n_tests:
+            raise GradientError(
+                f"gradients are for n={n} training and m={m} test examples, the runs have "
+                f"n={runs.n_train} and m={runs.n_tests}"
+            )
+
+    def curvature(self, k: int) -> np.ndarray:
+        """``float64[d, d]`` curvature at checkpoint k (empirical Fisher if none was stored)."""
+        if self.curvatures is not None:
+            return np.asarray(self.curvatures[k], dtype=np.float64)
+        grads = np.asarray(self.train_grads[k], dtype=np.float64)
+        return grads.T @ grads / grads.shape[0]
+
+    def save(self, path: str | Path) -> None:
+        arrays = {
+            "steps": self.steps,
+            "learning_rates": self.learning_rates,
+            "train_grads": self.train_grads,
+            "test_grads": self.test_grads,
+            "batch_size": np.asarray(self.batch_size),
+        }
+        if self.curvatures is not None:
+            arrays["curvatures"] = self.curvatures
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> GradientCheckpoints:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return cls(
+                    data["steps"], data["learning_rates"], data["train_grads"], data["test_grads"],
+                    int(data["batch_size"]), data["curvatures"] if "curvatures" in data else None,
+                )
+        except (OSError, KeyError, ValueError) as error:
+            if isinstance(error, GradientError):
+                raise
+            raise GradientError(f"{path}: not a gradient checkpoint file: {error}") from None

@@ -1,0 +1,555 @@
+"""Training-run simulators: fit on logged runs, predict every test loss at every step.
+
+Every simulator here is an affine recurrence over the steps of a curriculum,
+
+    L_t = alpha_t(c_t) * L_{t-1} + beta_t(c_t)        (alpha, beta: float[R, m] per step)
+
+so they share one rollout (:meth:`Simulator.simulate`) and differ in how alpha and beta come
+from the batch. Shapes: batches ``int[R, T, b]`` (``-1`` pads), initial loss ``float[R, m]``,
+predictions ``float[R, T+1, m]`` (nats). Saved simulators are a folder with
+``simulator.json`` (method, hyperparameters, sizes) and ``parameters.safetensors``; nothing is
+pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import scipy.sparse as sp
+from safetensors.numpy import load_file, save_file
+
+from simfluence.gradients import GradientCheckpoints
+from simfluence.runset import PAD, RunSet
+from simfluence.solvers import (
+    Intercept,
+    RidgeSolution,
+    SolverName,
+    TransitionProblem,
+    solve_ridge,
+)
+
+FORMAT_VERSION = 1
+DEFAULT_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+class SimulatorError(ValueError):
+    """Raised for a simulator used wrongly: not fitted, mismatched data, a bad bundle."""
+
+
+class Simulator(ABC):
+    """Common interface: ``fit(runs) -> self``, ``simulate(batches, initial_loss)``."""
+
+    method: ClassVar[str]
+    _registry: ClassVar[dict[str, type[Simulator]]] = {}
+
+    n_train: int | None = None
+    test_ids: np.ndarray | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "method" in cls.__dict__:
+            Simulator._registry[cls.method] = cls
+
+    # ---- fitting -------------------------------------------------------------------------
+
+    def fit(self, runs: RunSet) -> Simulator:
+        """Fit on the runs (teacher forcing on one-step transitions) and return ``self``."""
+        self.n_train = runs.n_train
+        self.test_ids = runs.test_ids.copy()
+        self._fit(runs)
+        return self
+
+    @abstractmethod
+    def _fit(self, runs: RunSet) -> None: ...
+
+    # ---- simulation ----------------------------------------------------------------------
+
+    @abstractmethod
+    def _coefficients(self, step_counts: sp.csr_matrix, step: int, dtype: type) -> tuple[Any, Any]:
+        """(alpha, beta) of update ``step`` (0-based) for ``step_counts: csr[R, n]``; each a
+        ``float[R, m]`` array or something that broadcasts to it."""
+
+    def simulate(
+        self,
+        batches: np.ndarray,
+        initial_loss: np.ndarray,
+        *,
+        max_chunk_bytes: int = 256 * 2**20,
+        dtype: type = np.float64,
+    ) -> np.ndarray:
+        """Roll the simulator forward from ``initial_loss`` over ``batches``.
+
+        Args:
+            batches: ``int[R, T, b]`` curricula (``-1`` pads); ids must be < ``n_train``.
+            initial_loss: ``float[R, m]`` observed losses before the first update.
+            max_chunk_bytes: bound on the temporaries of one chunk of runs.
+            dtype: float64 (default) or float32 (half the memory, about 4x faster).
+
+        Returns:
+            ``dtype[R, T+1, m]`` predicted losses; ``[:, 0]`` is ``initial_loss``.
+        """
+        if self.n_train is None or self.test_ids is None:
+            raise SimulatorError(f"{self.method}: call fit() (or load a fitted simulator) before simulate()")
+        batches = np.asarray(batches)
+        if batches.ndim != 3 or not np.issubdtype(batches.dtype, np.integer):
+            raise SimulatorError(f"batches must be an integer array [R, T, b], got {batches.dtype} {batches.shape}")
+        bad = (batches < PAD) | (batches >= self.n_train)
+        if bad.any():
+            index = tuple(int(v) for v in np.argwhere(bad)[0])
+            raise SimulatorError(
+                f"unknown training id {int(batches[index])} at (run, step index, position) {index}: "
+                f"this simulator was fitted on ids 0..{self.n_train - 1}"
+            )
+        initial_loss = np.asarray(initial_loss, dtype=np.float64)
+        R, T, _ = batches.shape
+        m = len(self.test_ids)
+        if initial_loss.shape != (R, m):
+            raise SimulatorError(
+                f"initial_loss must have shape [R, m] = [{R}, {m}] (runs x test examples), got {initial_loss.shape}"
+            )
+        if not np.all(np.isfinite(initial_loss)):
+            raise SimulatorError("initial_loss has NaN or infinite values")
+        out = np.empty((R, T + 1, m), dtype=dtype)
+        chunk = max(1, min(R, max_chunk_bytes // (8 * 6 * m)))
+        for start in range(0, R, chunk):
+            rows = slice(start, min(R, start + chunk))
+            loss = initial_loss[rows].astype(dtype)
+            out[rows, 0] = loss
+            for t in range(T):
+                alpha, beta = self._coefficients(_step_counts(batches[rows, t], self.n_train, dtype), t, dtype)
+                loss = alpha * loss + beta
+                out[rows, t + 1] = loss
+        return out
+
+    # ---- persistence ---------------------------------------------------------------------
+
+    @abstractmethod
+    def hyperparameters(self) -> dict[str, Any]:
+        """JSON-serialisable constructor arguments and fitted scalars."""
+
+    @abstractmethod
+    def parameters(self) -> dict[str, np.ndarray]:
+        """The fitted arrays (names to arrays), as saved."""
+
+    @abstractmethod
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        """Set the fitted arrays from :meth:`parameters`' output."""
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``simulator.json`` and ``parameters.safetensors`` into the folder ``path``."""
+        if self.n_train is None or self.test_ids is None:
+            raise SimulatorError(f"{self.method}: only a fitted simulator can be saved")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        arrays = {name: np.ascontiguousarray(a) for name, a in self.parameters().items()}
+        arrays["test_ids"] = np.ascontiguousarray(self.test_ids)
+        save_file(arrays, str(path / "parameters.safetensors"))
+        meta = {
+            "format": FORMAT_VERSION,
+            "method": self.method,
+            "hyperparameters": self.hyperparameters(),
+            "n_train": self.n_train,
+            "n_tests": len(self.test_ids),
+        }
+        (path / "simulator.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        return path
+
+
+def load_simulator(path: str | Path) -> Simulator:
+    """Load a simulator saved by :meth:`Simulator.save` (no pickle involved)."""
+    path = Path(path)
+    meta_path, params_path = path / "simulator.json", path / "parameters.safetensors"
+    if not meta_path.is_file() or not params_path.is_file():
+        raise SimulatorError(f"{path} is not a saved simulator (needs simulator.json and parameters.safetensors)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as error:
+        raise SimulatorError(f"{meta_path}: not valid JSON: {error}") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise SimulatorError(f"{meta_path}: unsupported format {meta.get('format')!r} (expected {FORMAT_VERSION})")
+    cls = Simulator._registry.get(meta.get("method", ""))
+    if cls is None:
+        raise SimulatorError(f"{meta_path}: unknown method {meta.get('method')!r}")
+    simulator = cls.from_hyperparameters(meta["hyperparameters"])
+    arrays = load_file(str(params_path))
+    simulator.n_train = int(meta["n_train"])
+    simulator.test_ids = arrays.pop("test_ids")
+    simulator._restore(arrays)
+    return simulator
+
+
+def _step_counts(batch: np.ndarray, n: int, dtype: type) -> sp.csr_matrix:
+    """``csr[R, n]`` counts of the ids in one step's batches ``int[R, b]``."""
+    rows, pos = np.nonzero(batch != PAD)
+    counts = sp.csr_matrix((np.ones(len(rows), dtype=dtype), (rows, batch[rows, pos])), shape=(batch.shape[0], n))
+    counts.sum_duplicates()
+    return counts
+
+
+# ---- baselines that ignore the curriculum --------------------------------------------------
+
+
+class Constant(Simulator):
+    """L_t = L_0: no learning at all."""
+
+    method = "constant"
+
+    def _fit(self, runs: RunSet) -> None:
+        pass
+
+    def _coefficients(self, step_counts, step, dtype):
+        return 1.0, 0.0
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_hyperparameters(cls, hp: dict[str, Any]) -> Constant:
+        return cls()
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        pass
+
+
+class MeanTrajectory(Simulator):
+    """L_t = L_0 + (mean_t - mean_0): the fitting runs' mean curve, blind to the curriculum.
+    Beyond the fitted horizon the loss stays at its last value."""
+
+    method = "mean_trajectory"
+
+    def _fit(self, runs: RunSet) -> None:
+        self.step_change = np.diff(runs.losses.mean(axis=0), axis=0)  # [T, m]
+
+    def _coefficients(self, step_counts, step, dtype):
+        if step >= len(self.step_change):
+            return 1.0, 0.0
+        return 1.0, self.step_change[step].astype(dtype)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_hyperparameters(cls, hp: dict[str, Any]) -> MeanTrajectory:
+        return cls()
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return {"step_change": self.step_change}
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        self.step_change = arrays["step_change"]
+
+
+# ---- Simfluence-Linear and its variants ----------------------------------------------------
+
+
+class SimfluenceLinear(Simulator):
+    """Simfluence-Linear: ``L_t = alpha(c_t) L_{t-1} + beta(c_t)`` with per-example A and B.
+
+    Args:
+        parametrization: ``residual`` (alpha = 1 + sum A; the penalty shrinks an unseen example
+            to "no effect") or ``paper`` (alpha = sum A; shrinks to "loss collapses").
+        intercept: ``none``, ``constant`` (one unpenalised alpha0, beta0 per test example),
+            ``step`` (one per step and test example; beyond the fitted horizon, the last one's),
+            or ``cv`` to choose among the three by cross-validation.
+        l2: positive penalty on A and B, or ``"cv"`` to choose it from ``l2_grid``.
+        l2_b: penalty on B if different from A's (only with a numeric ``l2``).
+        l2_grid: candidate penalties for cross-validation.
+        cv_folds: folds over whole runs (never over steps of the same run).
+        per_test_l2: choose the penalty per test example instead of one global value.
+        solver: ``auto``, ``direct`` or ``cg`` (see :mod:`simfluence.solvers`).
+        seed: seed of the cross-validation folds.
+
+    Cross-validation scores every candidate by the simulated all-steps MSE on the held-out
+    fold (the metric the simulator is judged by), fitting along the penalty grid from large
+    to small with warm starts. The penalty is global by default: with a handful of folds the
+    per-test-example argmin is noisy and overfits the folds; ``per_test_l2=True`` is offered
+    for many runs.
+    """
+
+    method = "simfluence_linear"
+    use_a: ClassVar[bool] = True
+    use_b: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        parametrization: Literal["residual", "paper"] = "residual",
+        intercept: Intercept | Literal["cv"] = "step",
+        l2: float | Literal["cv"] = "cv",
+        l2_b: float | None = None,
+        l2_grid: tuple[float, ...] = DEFAULT_L2_GRID,
+        cv_folds: int = 5,
+        per_test_l2: bool = False,
+        solver: SolverName = "auto",
+        seed: int = 0,
+    ) -> None:
+        if parametrization not in ("residual", "paper"):
+            raise SimulatorError(f"parametrization must be 'residual' or 'paper', got {parametrization!r}")
+        if intercept not in ("none", "constant", "step", "cv"):
+            raise SimulatorError(f"intercept must be 'none', 'constant', 'step' or 'cv', got {intercept!r}")
+        if l2 != "cv" and not (isinstance(l2, (int, float)) and np.isfinite(l2) and l2 > 0):
+            raise SimulatorError(f"l2 must be a positive number or 'cv', got {l2!r}")
+        if l2_b is not None and not (np.isfinite(l2_b) and l2_b > 0):
+            raise SimulatorError(f"l2_b must be positive, got {l2_b!r}")
+        if not l2_grid or any(not (np.isfinite(v) and v > 0) for v in l2_grid):
+            raise SimulatorError(f"l2_grid must hold positive penalties, got {l2_grid!r}")
+        self.parametrization = parametrization
+        self.intercept = intercept
+        self.l2 = l2
+        self.l2_b = l2_b
+        self.l2_grid = tuple(float(v) for v in l2_grid)
+        self.cv_folds = cv_folds
+        self.per_test_l2 = per_test_l2
+        self.solver = solver
+        self.seed = seed
+        self.cv_scores: dict[str, list[float]] = {}
+
+    @property
+    def base(self) -> float:
+        """1 for the residual form, 0 for the paper form."""
+        return 1.0 if self.parametrization == "residual" else 0.0
+
+    def _fit(self, runs: RunSet) -> None:
+        intercept, penalty = self.intercept, self.l2
+        if intercept == "cv" or penalty == "cv":
+            intercept, penalty = self._cross_validate(runs)
+        self.fitted_intercept: Intercept = intercept
+        self.fitted_l2 = np.broadcast_to(np.asarray(penalty, dtype=np.float64), (runs.n_tests,)).copy()
+        l2_b = self.fitted_l2 if self.l2_b is None else self.l2_b
+        problem = TransitionProblem.from_runs(runs, self.base, intercept)
+        self._set_solution(solve_ridge(problem, self.fitted_l2, l2_b, use_a=self.use_a, use_b=self.use_b,
+                                       solver=self.solver))
+
+    def _set_solution(self, solution: RidgeSolution) -> None:
+        m = (solution.A if solution.A is not None else solution.B).shape[1]
+        n = (solution.A if solution.A is not None else solution.B).shape[0]
+        self.A = solution.A if solution.A is not None else np.zeros((n, m))
+        self.B = solution.B if solution.B is not None else np.zeros((n, m))
+        self.alpha0 = solution.alpha0 if solution.alpha0 is not None else np.zeros((1, m))
+        self.beta0 = solution.beta0 if solution.beta0 is not None else np.zeros((1, m))
+        self._table_cache: dict[Any, np.ndarray] = {}
+
+    def _cross_validate(self, runs: RunSet) -> tuple[Intercept, float | np.ndarray]:
+        intercepts: list[Intercept] = ["none", "constant", "step"] if self.intercept == "cv" else [self.intercept]
+        grid = sorted(self.l2_grid, reverse=True) if self.l2 == "cv" else [float(self.l2)]
+        errors = np.zeros((len(intercepts), len(grid), runs.n_tests))
+        for fit_index, val_index in runs.run_folds(self.cv_folds, self.seed):
+            fitting, validation = runs.select_runs(fit_index), runs.select_runs(val_index)
+            for a, intercept in enumerate(intercepts):
+                problem = TransitionProblem.from_runs(fitting, self.base, intercept)
+                warm = None
+                for g, l2 in enumerate(grid):
+                    l2_b = l2 if self.l2_b is None else self.l2_b
+                    warm = solve_ridge(problem, l2, l2_b, use_a=self.use_a, use_b=self.use_b,
+                                       solver=self.solver, warm_start=warm)
+                    self.n_train, self.test_ids = runs.n_train, runs.test_ids
+                    self._set_solution(warm)
+                    pred = self.simulate(validation.batches, validation.initial_loss)
+                    errors[a, g] += ((pred[:, 1:] - validation.losses[:, 1:]) ** 2).sum(axis=(0, 1))
+        errors /= runs.n_runs * runs.n_steps
+        mean_errors = errors.mean(axis=2)
+        self.cv_scores = {
+            intercept: [float(v) for v in mean_errors[a]] for a, intercept in enumerate(intercepts)
+        }
+        self.cv_grid = grid
+        a, g = np.unravel_index(np.argmin(mean_errors), mean_errors.shape)
+        if self.per_test_l2 and self.l2 == "cv":
+            return intercepts[a], np.asarray(grid)[np.argmin(errors[a], axis=0)]
+        return intercepts[a], grid[g]
+
+    def _tables(self, dtype: type) -> np.ndarray:
+        """``[n, 2m]`` = [A | B] in ``dtype``, cached."""
+        key = np.dtype(dtype).str
+        if key not in self._table_cache:
+            self._table_cache[key] = np.concatenate([self.A, self.B], axis=1).astype(dtype)
+        return self._table_cache[key]
+
+    def _coefficients(self, step_counts, step, dtype):
+        m = self.A.shape[1]
+        effect = step_counts @ self._tables(dtype)
+        g = min(step, len(self.alpha0) - 1)
+        alpha = effect[:, :m]
+        alpha += self.base + self.alpha0[g].astype(dtype)
+        beta = effect[:, m:]
+        beta += self.beta0[g].astype(dtype)
+        return alpha, beta
+
+    def hyperparameters(self) -> dict[str, Any]:
+        hp = {
+            "parametrization": self.parametrization,
+            "intercept": self.intercept,
+            "l2": self.l2,
+            "l2_b": self.l2_b,
+            "l2_grid": list(self.l2_grid),
+            "cv_folds": self.cv_folds,
+            "per_test_l2": self.per_test_l2,
+            "solver": self.solver,
+            "seed": self.seed,
+        }
+        if hasattr(self, "fitted_intercept"):
+            hp["fitted_intercept"] = self.fitted_intercept
+            hp["cv_scores"] = self.cv_scores
+        return hp
+
+    @classmethod
+    def from_hyperparameters(cls, hp: dict[str, Any]) -> SimfluenceLinear:
+        keys = ("parametrization", "intercept", "l2", "l2_b", "l2_grid", "cv_folds", "per_test_l2", "solver", "seed")
+        simulator = cls(**{k: hp[k] for k in keys})
+        simulator.fitted_intercept = hp.get("fitted_intercept", hp["intercept"])
+        simulator.cv_scores = hp.get("cv_scores", {})
+        return simulator
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return {"A": self.A, "B": self.B, "alpha0": self.alpha0, "beta0": self.beta0, "l2": self.fitted_l2}
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        self.A, self.B = arrays["A"], arrays["B"]
+        self.alpha0, self.beta0 = arrays["alpha0"], arrays["beta0"]
+        self.fitted_l2 = arrays["l2"]
+        self._table_cache = {}
+
+
+class SimfluenceAdditive(SimfluenceLinear):
+    """Simfluence-Linear with A = 0: each example adds B_i to the loss (TracIn-like, learned)."""
+
+    method = "simfluence_additive"
+    use_a = False
+
+
+class SimfluenceMultiplicative(SimfluenceLinear):
+    """Simfluence-Linear with B = 0: each example scales the loss by its own A_i."""
+
+    method = "simfluence_multiplicative"
+    use_b = False
+
+
+# ---- gradient-based baselines expressed as simulators --------------------------------------
+
+
+class _GradientSimulator(Simulator):
+    """Additive simulators whose per-example effects come from gradient dot products.
+
+    ``beta_t = -scale * lr_t / b * sum_{i in c_t} effect_{k(t)}[i]``, alpha = 1, where k(t) is the
+    latest checkpoint taken at or before update t-1. The rescaled variant fits the single
+    global ``scale`` by least squares on the fitting runs' one-step changes; otherwise 1.
+    """
+
+    def __init__(self, gradients: GradientCheckpoints | None = None, rescaled: bool = False) -> None:
+        self.gradients = gradients
+        self.rescaled = rescaled
+        self.scale = 1.0
+
+    @abstractmethod
+    def _effects(self, gradients: GradientCheckpoints) -> np.ndarray:
+        """``float[K, n, m]`` per-checkpoint effect of each training on each test example."""
+
+    def _effect_steps(self, gradients: GradientCheckpoints) -> np.ndarray:
+        """``int64[K]`` the step at which each of :meth:`_effects`' tables starts to apply."""
+        return gradients.steps.copy()
+
+    def _fit(self, runs: RunSet) -> None:
+        if self.gradients is None:
+            raise SimulatorError(f"{self.method} needs gradient checkpoints to fit")
+        self.gradients.check_matches(runs)
+        self.effects = self._effects(self.gradients)
+        self.checkpoint_steps = self._effect_steps(self.gradients)
+        self.learning_rates = self.gradients.learning_rates.copy()
+        self.batch_size = float(self.gradients.batch_size)
+        self.scale = 1.0
+        if self.rescaled:
+            self.scale = self._fit_scale(runs)
+
+    def _fit_scale(self, runs: RunSet) -> float:
+        """Least-squares global scale of the predicted one-step changes (teacher forcing)."""
+        numerator = denominator = 0.0
+        for t in range(runs.n_steps):
+            _, beta = self._coefficients(_step_counts(runs.batches[:, t], runs.n_train, np.float64), t, np.float64)
+            change = runs.losses[:, t + 1] - runs.losses[:, t]
+            numerator += float(np.sum(beta * change))
+            denominator += float(np.sum(beta * beta))
+        if denominator == 0:
+            raise SimulatorError(f"{self.method}: every gradient effect is zero; cannot fit a scale")
+        return self.scale * numerator / denominator
+
+    def _coefficients(self, step_counts, step, dtype):
+        k = max(0, int(np.searchsorted(self.checkpoint_steps, step, side="right")) - 1)
+        lr = self.learning_rates[min(step, len(self.learning_rates) - 1)]
+        factor = -self.scale * lr / self.batch_size
+        return 1.0, (step_counts @ self.effects[k].astype(dtype)) * dtype(factor)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"rescaled": self.rescaled, "scale": self.scale, "batch_size": getattr(self, "batch_size", None)}
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return {
+            "effects": self.effects,
+            "checkpoint_steps": self.checkpoint_steps,
+            "learning_rates": self.learning_rates,
+        }
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        self.effects = arrays["effects"]
+        self.checkpoint_steps = arrays["checkpoint_steps"]
+        self.learning_rates = arrays["learning_rates"]
+
+
+class TracInCP(_GradientSimulator):
+    """TracIn-CP: effect of example i on test j at checkpoint k is <grad l(z_i), grad l(z_j)>."""
+
+    method = "tracin_cp"
+
+    def _effects(self, gradients: GradientCheckpoints) -> np.ndarray:
+        return np.einsum("knd,kmd->knm", gradients.train_grads, gradients.test_grads)
+
+    @classmethod
+    def from_hyperparameters(cls, hp: dict[str, Any]) -> TracInCP:
+        simulator = cls(rescaled=hp["rescaled"])
+        simulator.scale, simulator.batch_size = hp["scale"], hp["batch_size"]
+        return simulator
+
+
+class InfluenceFunction(_GradientSimulator):
+    """Influence functions: effect g_j^T (H + damping I)^-1 g_i at one checkpoint, H the damped
+    Gauss-Newton matrix on projected gradients (given, or the empirical Fisher G^T G / n).
+
+    Args:
+        checkpoint: which checkpoint's gradients to use (default the last).
+        damping: added to H's diagonal, relative to trace(H)/d.
+    """
+
+    method = "influence_function"
+
+    def __init__(self, gradients: GradientCheckpoints | None = None, rescaled: bool = False,
+                 checkpoint: int = -1, damping: float = 1e-3) -> None:
+        super().__init__(gradients, rescaled)
+        if not damping > 0:
+            raise SimulatorError(f"damping must be positive, got {damping!r}")
+        self.checkpoint = checkpoint
+        self.damping = damping
+
+    def _effects(self, gradients: GradientCheckpoints) -> np.ndarray:
+        k = self.checkpoint
+        train, test = gradients.train_grads[k], gradients.test_grads[k]
+        curvature = gradients.curvature(k)
+        d = curvature.shape[0]
+        damped = curvature + self.damping * (np.trace(curvature) / d + 1e-12) * np.eye(d)
+        scores = train @ np.linalg.solve(damped, test.T)  # [n, m]
+        return scores[None]
+
+    def _effect_steps(self, gradients: GradientCheckpoints) -> np.ndarray:
+        return np.zeros(1, dtype=np.int64)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {**super().hyperparameters(), "checkpoint": self.checkpoint, "damping": self.damping}
+
+    @classmethod
+    def from_hyperparameters(cls, hp: dict[str, Any]) -> InfluenceFunction:
+        simulator = cls(rescaled=hp["rescaled"], checkpoint=hp["checkpoint"], damping=hp["damping"])
+        simulator.scale, simulator.batch_size = hp["scale"], hp["batch_size"]
+        return simulator
