@@ -326,6 +326,34 @@ class SimfluenceLinear(Simulator):
         self._set_solution(solve_ridge(problem, self.fitted_l2, l2_b, use_a=self.use_a, use_b=self.use_b,
                                        solver=self.solver))
 
+    @classmethod
+    def from_parameters(
+        cls,
+        A: np.ndarray,
+        B: np.ndarray,
+        alpha0: np.ndarray | None = None,
+        beta0: np.ndarray | None = None,
+        parametrization: Literal["residual", "paper"] = "residual",
+        test_ids: np.ndarray | None = None,
+    ) -> SimfluenceLinear:
+        """A simulator with given parameters (no fitting): A, B ``float[n, m]``; alpha0, beta0
+        ``float[G, m]`` per-step intercepts (G = 1 for a constant one; default zero)."""
+        A, B = np.asarray(A, dtype=np.float64), np.asarray(B, dtype=np.float64)
+        if A.ndim != 2 or A.shape != B.shape:
+            raise SimulatorError(f"A and B must both be [n, m], got {A.shape} and {B.shape}")
+        n, m = A.shape
+        intercept: Intercept = "none" if alpha0 is None and beta0 is None else "step"
+        simulator = cls(parametrization=parametrization, intercept=intercept, l2=1.0)
+        zeros = np.zeros((1, m))
+        alpha0 = zeros if alpha0 is None else np.asarray(alpha0, dtype=np.float64)
+        beta0 = np.zeros_like(alpha0) if beta0 is None else np.asarray(beta0, dtype=np.float64)
+        simulator._set_solution(RidgeSolution(A, B, alpha0, beta0, 0, "given"))
+        simulator.fitted_intercept = intercept
+        simulator.fitted_l2 = np.full(m, np.nan)
+        simulator.n_train = n
+        simulator.test_ids = np.arange(m, dtype=np.int64) if test_ids is None else np.asarray(test_ids)
+        return simulator
+
     def _set_solution(self, solution: RidgeSolution) -> None:
         m = (solution.A if solution.A is not None else solution.B).shape[1]
         n = (solution.A if solution.A is not None else solution.B).shape[0]

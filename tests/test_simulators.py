@@ -1,0 +1,190 @@
+"""Simulators against known ground truth, their persistence, and their bad inputs."""
+
+import json
+
+import numpy as np
+import pytest
+
+import simfluence as sf
+from simfluence.synthetic import linear_runs, redundancy_runs
+
+
+@pytest.fixture(scope="module")
+def redundancy():
+    runs, related = redundancy_runs(100, 30, 60, 50, 4, seed=1)
+    return runs.split(12, seed=0)
+
+
+def test_true_parameters_reproduce_noise_free_data_exactly():
+    runs, truth = linear_runs(30, 6, 10, 25, 4, noise=0.0, step_intercept=True, seed=5)
+    simulator = sf.SimfluenceLinear.from_parameters(truth.A, truth.B, truth.alpha0, truth.beta0)
+    pred = simulator.simulate(runs.batches, runs.initial_loss)
+    np.testing.assert_allclose(pred, runs.losses, rtol=1e-12, atol=1e-12)
+
+
+def test_paper_and_residual_forms_agree_without_penalty_at_fixed_batch_size():
+    runs, _ = linear_runs(20, 5, 40, 30, 4, noise=0.01, seed=6)
+    fitting, heldout = runs.split(8)
+    residual = sf.SimfluenceLinear(parametrization="residual", intercept="none", l2=1e-9).fit(fitting)
+    paper = sf.SimfluenceLinear(parametrization="paper", intercept="none", l2=1e-9).fit(fitting)
+    np.testing.assert_allclose(
+        paper.simulate(heldout.batches, heldout.initial_loss),
+        residual.simulate(heldout.batches, heldout.initial_loss),
+        rtol=1e-5,
+    )
+    # Same function class: A_paper = A_residual + 1/b.
+    np.testing.assert_allclose(paper.A, residual.A + 1 / runs.batch_size, atol=1e-5)
+
+
+def test_linear_beats_additive_on_redundancy(redundancy):
+    fitting, heldout = redundancy
+    sims = {"linear": sf.SimfluenceLinear(), "additive": sf.SimfluenceAdditive()}
+    for simulator in sims.values():
+        simulator.fit(fitting)
+    scores = sf.metrics.leaderboard(sf.metrics.score(sims, heldout, n_boot=50))
+    mse = dict(zip(scores["method"], scores["all_steps_mse"]))
+    rho = dict(zip(scores["method"], scores["spearman_across_runs"]))
+    assert mse["linear"] < 0.2 * mse["additive"]
+    assert rho["linear"] > 0.6
+
+
+def test_cross_validation_picks_from_the_grid_and_records_scores(redundancy):
+    fitting, _ = redundancy
+    simulator = sf.SimfluenceLinear(intercept="cv", l2_grid=(1e-3, 1e-1, 10.0), cv_folds=3).fit(fitting)
+    assert simulator.fitted_intercept in ("none", "constant", "step")
+    assert simulator.fitted_l2[0] in (1e-3, 1e-1, 10.0)
+    assert set(simulator.cv_scores) == {"none", "constant", "step"}
+    best = min(min(v) for v in simulator.cv_scores.values())
+    assert min(simulator.cv_scores[simulator.fitted_intercept]) == best
+    per_test = sf.SimfluenceLinear(l2_grid=(1e-3, 1e-1, 10.0), cv_folds=3, per_test_l2=True).fit(fitting)
+    assert set(np.unique(per_test.fitted_l2)) <= {1e-3, 1e-1, 10.0}
+
+
+def test_baselines():
+    runs, _ = linear_runs(20, 4, 6, 10, 4, noise=0.0, seed=2)
+    constant = sf.Constant().fit(runs).simulate(runs.batches, runs.initial_loss)
+    assert np.all(constant == runs.initial_loss[:, None, :])
+    mean = sf.MeanTrajectory().fit(runs)
+    pred = mean.simulate(runs.batches, runs.initial_loss)
+    expected = runs.initial_loss[:, None, :] + runs.losses.mean(0) - runs.losses.mean(0)[0]
+    np.testing.assert_allclose(pred, expected)
+    longer = mean.simulate(np.concatenate([runs.batches, runs.batches], axis=1), runs.initial_loss)
+    np.testing.assert_allclose(longer[:, -1], pred[:, -1])  # flat beyond the fitted horizon
+
+
+def test_simulate_chunked_and_float32_match():
+    runs, truth = linear_runs(30, 6, 20, 25, 4, noise=0.0, seed=5)
+    simulator = sf.SimfluenceLinear.from_parameters(truth.A, truth.B)
+    full = simulator.simulate(runs.batches, runs.initial_loss)
+    chunked = simulator.simulate(runs.batches, runs.initial_loss, max_chunk_bytes=1)
+    np.testing.assert_array_equal(full, chunked)
+    single = simulator.simulate(runs.batches, runs.initial_loss, dtype=np.float32)
+    assert single.dtype == np.float32
+    np.testing.assert_allclose(single, full, rtol=1e-4)
+
+
+def test_save_and_load_round_trip(tmp_path, redundancy):
+    fitting, heldout = redundancy
+    for simulator in (sf.SimfluenceLinear(l2=0.1), sf.SimfluenceMultiplicative(l2=0.1), sf.MeanTrajectory()):
+        simulator.fit(fitting)
+        folder = simulator.save(tmp_path / simulator.method)
+        loaded = sf.load_simulator(folder)
+        assert type(loaded) is type(simulator)
+        np.testing.assert_array_equal(
+            loaded.simulate(heldout.batches, heldout.initial_loss),
+            simulator.simulate(heldout.batches, heldout.initial_loss),
+        )
+        assert not list(folder.glob("*.pkl"))
+
+
+def test_bad_bundles_are_refused(tmp_path):
+    with pytest.raises(sf.SimulatorError, match="is not a saved simulator"):
+        sf.load_simulator(tmp_path)
+    runs, _ = linear_runs(10, 2, 4, 5, 2, seed=1)
+    folder = sf.Constant().fit(runs).save(tmp_path / "c")
+    meta = json.loads((folder / "simulator.json").read_text())
+    (folder / "simulator.json").write_text(json.dumps({**meta, "method": "oracle"}))
+    with pytest.raises(sf.SimulatorError, match="unknown method 'oracle'"):
+        sf.load_simulator(folder)
+    (folder / "simulator.json").write_text("{not json")
+    with pytest.raises(sf.SimulatorError, match="not valid JSON"):
+        sf.load_simulator(folder)
+
+
+def test_simulate_rejects_bad_input():
+    runs, truth = linear_runs(10, 3, 4, 5, 2, seed=1)
+    with pytest.raises(sf.SimulatorError, match="call fit"):
+        sf.SimfluenceLinear().simulate(runs.batches, runs.initial_loss)
+    simulator = sf.SimfluenceLinear.from_parameters(truth.A, truth.B)
+    bad = runs.batches.copy()
+    bad[1, 2, 0] = 10
+    with pytest.raises(sf.SimulatorError, match=r"unknown training id 10 at \(run, step index, position\) \(1, 2, 0\)"):
+        simulator.simulate(bad, runs.initial_loss)
+    with pytest.raises(sf.SimulatorError, match="initial_loss must have shape"):
+        simulator.simulate(runs.batches, runs.initial_loss[:, :2])
+    with pytest.raises(sf.SimulatorError, match="NaN"):
+        simulator.simulate(runs.batches, np.full_like(runs.initial_loss, np.nan))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"l2": 0.0}, "l2 must be a positive"),
+    ({"l2": -1.0}, "l2 must be a positive"),
+    ({"l2_grid": (0.1, 0.0)}, "l2_grid"),
+    ({"parametrization": "sideways"}, "parametrization"),
+    ({"intercept": "sometimes"}, "intercept"),
+])
+def test_bad_hyperparameters(kwargs, message):
+    with pytest.raises(sf.SimulatorError, match=message):
+        sf.SimfluenceLinear(**kwargs)
+
+
+def _gradient_world(seed=0, n=20, m=4, d=6, runs=30, steps=12, b=4, scale=1.0):
+    """Runs whose one-step change is exactly -scale * lr/b * <g_i, g_j> at the latest checkpoint."""
+    rng = np.random.default_rng(seed)
+    checkpoints = np.array([0, 6])
+    train = rng.normal(size=(2, n, d))
+    test = rng.normal(size=(2, m, d))
+    lrs = np.linspace(0.1, 0.05, steps)
+    grads = sf.GradientCheckpoints(checkpoints, lrs, train, test, batch_size=b)
+    batches = sf.curricula.uniform(n, runs, steps, b, seed=seed)
+    losses = np.empty((runs, steps + 1, m))
+    losses[:, 0] = 2.0
+    for t in range(steps):
+        k = 0 if t < 6 else 1
+        dots = train[k] @ test[k].T
+        losses[:, t + 1] = losses[:, t] - scale * lrs[t] / b * dots[batches[:, t]].sum(axis=1)
+    return sf.RunSet(batches, losses, n_train=n), grads
+
+
+def test_tracin_reproduces_its_own_process_and_rescales():
+    runs, grads = _gradient_world()
+    pred = sf.TracInCP(grads).fit(runs).simulate(runs.batches, runs.initial_loss)
+    np.testing.assert_allclose(pred, runs.losses, atol=1e-10)
+    runs3, grads3 = _gradient_world(scale=3.0)
+    rescaled = sf.TracInCP(grads3, rescaled=True).fit(runs3)
+    assert rescaled.scale == pytest.approx(3.0, rel=1e-10)
+    np.testing.assert_allclose(rescaled.simulate(runs3.batches, runs3.initial_loss), runs3.losses, atol=1e-10)
+
+
+def test_influence_function_effects_and_persistence(tmp_path):
+    runs, grads = _gradient_world()
+    simulator = sf.InfluenceFunction(grads, rescaled=True, damping=0.1).fit(runs)
+    train, test = grads.train_grads[-1], grads.test_grads[-1]
+    fisher = train.T @ train / train.shape[0]
+    damped = fisher + 0.1 * np.trace(fisher) / fisher.shape[0] * np.eye(fisher.shape[0])
+    np.testing.assert_allclose(simulator.effects[0], train @ np.linalg.inv(damped) @ test.T, rtol=1e-8)
+    loaded = sf.load_simulator(simulator.save(tmp_path / "if"))
+    np.testing.assert_allclose(loaded.simulate(runs.batches, runs.initial_loss),
+                               simulator.simulate(runs.batches, runs.initial_loss))
+
+
+def test_gradient_checkpoints_validate_and_round_trip(tmp_path):
+    runs, grads = _gradient_world()
+    grads.save(tmp_path / "g.npz")
+    again = sf.GradientCheckpoints.load(tmp_path / "g.npz")
+    np.testing.assert_array_equal(again.train_grads, grads.train_grads)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        sf.GradientCheckpoints(np.array([3, 1]), grads.learning_rates, grads.train_grads, grads.test_grads, 4)
+    other = sf.RunSet(runs.batches, runs.losses[:, :, :2], n_train=runs.n_train)
+    with pytest.raises(ValueError, match="m=4 test examples"):
+        sf.TracInCP(grads).fit(other)

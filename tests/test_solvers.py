@@ -1,0 +1,105 @@
+"""The exact ridge solvers against a dense NumPy reference and known ground truth."""
+
+import numpy as np
+import pytest
+
+from simfluence.solvers import SolverError, TransitionProblem, dense_reference_solve, solve_ridge
+from simfluence.synthetic import linear_runs
+
+VARIANTS = {"linear": (True, True), "additive": (False, True), "multiplicative": (True, False)}
+
+
+@pytest.fixture(scope="module")
+def noisy_runs():
+    runs, _ = linear_runs(40, 6, 12, 15, 4, noise=0.01, step_intercept=True, seed=3)
+    return runs
+
+
+def _max_rel(got: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+@pytest.mark.parametrize("intercept", ["none", "constant", "step"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_solver_path_matches_dense_reference(noisy_runs, solver, intercept, variant):
+    use_a, use_b = VARIANTS[variant]
+    problem = TransitionProblem.from_runs(noisy_runs, 1.0, intercept)
+    solution = solve_ridge(problem, 0.05, 0.02, use_a=use_a, use_b=use_b, solver=solver, tol=1e-12)
+    for j in range(noisy_runs.n_tests):
+        ref_a, ref_b = dense_reference_solve(problem, 0.05, 0.02, j, use_a, use_b)
+        if use_a:
+            assert _max_rel(solution.A[:, j], ref_a) < 1e-6
+        if use_b:
+            assert _max_rel(solution.B[:, j], ref_b) < 1e-6
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+def test_noise_free_parameters_are_recovered_exactly(solver):
+    runs, truth = linear_runs(30, 5, 40, 30, 4, noise=0.0, seed=1)
+    problem = TransitionProblem.from_runs(runs, 1.0, "none")
+    solution = solve_ridge(problem, 1e-11, 1e-11, solver=solver, tol=1e-14, max_iter=20000)
+    assert _max_rel(solution.A, truth.A) < 1e-6
+    assert _max_rel(solution.B, truth.B) < 1e-6
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+def test_step_intercept_absorbs_the_mean_effect_exactly(solver):
+    """With a per-step intercept and a fixed batch size b, (A_i + c, alpha0_t - b c) is the same
+    model for any c: the penalty picks the centred A, the intercept takes b * mean(A)."""
+    runs, truth = linear_runs(30, 5, 40, 30, 4, noise=0.0, step_intercept=True, seed=1)
+    problem = TransitionProblem.from_runs(runs, 1.0, "step")
+    # A penalty well above round-off (the shift direction's curvature is the penalty itself)
+    # yet far below the data's curvature (hundreds), so it biases the identified part by ~1e-9.
+    solution = solve_ridge(problem, 1e-6, 1e-6, solver=solver, tol=1e-14, max_iter=20000)
+    b = runs.batch_size
+    assert _max_rel(solution.A, truth.A - truth.A.mean(axis=0)) < 1e-6
+    assert _max_rel(solution.B, truth.B - truth.B.mean(axis=0)) < 1e-6
+    assert _max_rel(solution.alpha0, truth.alpha0 + b * truth.A.mean(axis=0)) < 1e-6
+    assert _max_rel(solution.beta0, truth.beta0 + b * truth.B.mean(axis=0)) < 1e-6
+
+
+def test_noisy_parameters_correlate_with_truth():
+    runs, truth = linear_runs(50, 8, 200, 40, 4, noise=0.002, seed=2)
+    problem = TransitionProblem.from_runs(runs, 1.0, "none")
+    solution = solve_ridge(problem, 1e-3, 1e-3)
+    assert np.corrcoef(solution.B.ravel(), truth.B.ravel())[0, 1] > 0.9
+    assert np.corrcoef(solution.A.ravel(), truth.A.ravel())[0, 1] > 0.8
+
+
+def test_warm_start_and_sharding_do_not_change_the_answer(noisy_runs):
+    problem = TransitionProblem.from_runs(noisy_runs, 1.0, "step")
+    cold = solve_ridge(problem, 0.01, 0.01, solver="cg", tol=1e-12)
+    start = solve_ridge(problem, 1.0, 1.0, solver="cg", tol=1e-12)
+    warm = solve_ridge(problem, 0.01, 0.01, solver="cg", tol=1e-12, warm_start=start, shard_size=2, threads=2)
+    assert _max_rel(warm.A, cold.A) < 1e-8 and _max_rel(warm.B, cold.B) < 1e-8
+
+
+def test_per_test_penalties(noisy_runs):
+    problem = TransitionProblem.from_runs(noisy_runs, 1.0, "none")
+    penalties = np.linspace(0.01, 1.0, noisy_runs.n_tests)
+    together = solve_ridge(problem, penalties, penalties, solver="direct")
+    for j in (0, noisy_runs.n_tests - 1):
+        alone = solve_ridge(problem, penalties[j], penalties[j], solver="direct")
+        np.testing.assert_allclose(together.A[:, j], alone.A[:, j], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("penalty", [0.0, -1.0, float("nan"), float("inf")])
+def test_non_positive_penalty_is_rejected(noisy_runs, penalty):
+    problem = TransitionProblem.from_runs(noisy_runs, 1.0, "none")
+    with pytest.raises(SolverError, match="l2_a must be positive"):
+        solve_ridge(problem, penalty, 1.0)
+
+
+def test_cg_that_cannot_converge_says_so(noisy_runs):
+    problem = TransitionProblem.from_runs(noisy_runs, 1.0, "none")
+    with pytest.raises(SolverError, match="did not reach tolerance"):
+        solve_ridge(problem, 1e-6, 1e-6, solver="cg", max_iter=2, tol=1e-14)
+
+
+def test_unknown_solver_and_intercept_are_rejected(noisy_runs):
+    with pytest.raises(SolverError, match="intercept"):
+        TransitionProblem.from_runs(noisy_runs, 1.0, "sometimes")
+    problem = TransitionProblem.from_runs(noisy_runs, 1.0, "none")
+    with pytest.raises(SolverError, match="solver"):
+        solve_ridge(problem, 1.0, 1.0, solver="magic")
