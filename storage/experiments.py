@@ -1,0 +1,136 @@
+"""Experiments and their examples in the warehouse, and reading runs back for fitting."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from simfluence.runset import PAD, RunSet
+from storage.warehouse import Warehouse, WarehouseError, check_name, fetch_one
+
+EXAMPLE_COLUMNS = ("example_id", "text", "label")
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a config."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def register_experiment(
+    warehouse: Warehouse,
+    name: str,
+    config: dict[str, Any],
+    train: pl.DataFrame,
+    test: pl.DataFrame,
+    description: str = "",
+) -> bool:
+    """Record an experiment and its examples (``example_id``, ``text``, ``label`` columns).
+
+    Idempotent: registering the same name with the same config does nothing and returns False;
+    a different config under an existing name is refused.
+    """
+    check_name(name, "experiment name")
+    for split, frame in (("train", train), ("test", test)):
+        missing = set(EXAMPLE_COLUMNS) - set(frame.columns)
+        if missing:
+            raise WarehouseError(f"{split} examples lack columns {sorted(missing)}")
+        if frame.height == 0:
+            raise WarehouseError(f"the {split} split of experiment {name!r} is empty")
+        if frame["example_id"].to_list() != list(range(frame.height)):
+            raise WarehouseError(f"{split} example ids must be 0..{frame.height - 1} in order")
+    digest = config_hash(config)
+    with warehouse.writer() as con:
+        existing = fetch_one(con, "SELECT config_hash FROM experiments WHERE experiment = ?", [name])
+        if existing is not None:
+            if existing[0] != digest:
+                raise WarehouseError(f"experiment {name!r} exists with another config (hash {existing[0][:12]})")
+            return False
+        frames = []
+        for split, frame in (("train", train), ("test", test)):
+            text = frame["text"].cast(pl.Utf8).fill_null("")
+            label = frame["label"].cast(pl.Utf8).fill_null("")
+            hashes = [hashlib.sha256(f"{t}\x00{lab}".encode()).hexdigest() for t, lab in zip(text, label)]
+            frames.append(pl.DataFrame({
+                "experiment": name, "split": split, "example_id": frame["example_id"].cast(pl.Int32),
+                "text": text, "label": label, "content_hash": hashes,
+            }))
+        new_examples = pl.concat(frames).to_arrow()
+        con.register("new_examples", new_examples)
+        con.execute("BEGIN TRANSACTION")
+        con.execute(
+            "INSERT INTO experiments (experiment, config_hash, config_json, n_train, n_test, description) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [name, digest, json.dumps(config, sort_keys=True, default=str), train.height, test.height, description],
+        )
+        con.execute("INSERT INTO examples SELECT experiment, split, example_id, text, label, content_hash "
+                    "FROM new_examples")
+        con.execute("COMMIT")
+        con.unregister("new_examples")
+    return True
+
+
+def load_runset(
+    warehouse: Warehouse,
+    experiment: str,
+    run_ids: list[int] | np.ndarray | None = None,
+    test_ids: list[int] | np.ndarray | None = None,
+) -> RunSet:
+    """The complete runs of an experiment as a :class:`RunSet`, through Arrow.
+
+    Args:
+        run_ids: which complete runs (default all); an id that is unknown or not complete is an error.
+        test_ids: which test examples (default all), in this order.
+
+    Only the requested runs and test examples are read; rows are placed with vectorised
+    indexing, never a Python loop over rows.
+    """
+    with warehouse.reader() as con:
+        row = fetch_one(con, "SELECT n_train, n_test FROM experiments WHERE experiment = ?", [experiment])
+        if row is None:
+            raise WarehouseError(f"unknown experiment {experiment!r}")
+        n_train, n_test = row
+        runs = con.execute(
+            "SELECT run_id, n_steps, batch_size FROM runs WHERE experiment = ? AND status = 'complete' ORDER BY run_id",
+            [experiment]).fetchnumpy()
+        available = runs["run_id"].astype(np.int64)
+        if run_ids is None:
+            chosen = available
+        else:
+            chosen = np.asarray(run_ids, dtype=np.int64)
+            missing = np.setdiff1d(chosen, available)
+            if missing.size:
+                raise WarehouseError(f"runs {missing[:10].tolist()} of {experiment!r} are unknown or not complete")
+        if chosen.size == 0:
+            raise WarehouseError(f"experiment {experiment!r} has no complete runs to load")
+        steps = np.unique(runs["n_steps"][np.isin(available, chosen)])
+        if steps.size != 1:
+            raise WarehouseError(f"the chosen runs of {experiment!r} differ in length: {steps.tolist()} steps")
+        T = int(steps[0])
+        width = int(runs["batch_size"][np.isin(available, chosen)].max())
+        tests = np.arange(n_test, dtype=np.int64) if test_ids is None else np.asarray(test_ids, dtype=np.int64)
+        if tests.size == 0 or tests.min() < 0 or tests.max() >= n_test:
+            raise WarehouseError(f"test ids must lie in 0..{n_test - 1} for experiment {experiment!r}")
+        run_list, test_list = chosen.tolist(), tests.tolist()
+        batch_rows = con.execute(
+            "SELECT run_id, step, position, example_id FROM batches "
+            "WHERE experiment = ? AND list_contains(?::INTEGER[], run_id)", [experiment, run_list]).fetchnumpy()
+        loss_rows = con.execute(
+            "SELECT run_id, step, test_id, loss FROM losses WHERE experiment = ? "
+            "AND list_contains(?::INTEGER[], run_id) AND list_contains(?::INTEGER[], test_id)",
+            [experiment, run_list, test_list]).fetchnumpy()
+    order = np.argsort(chosen)
+    run_index = lambda ids: order[np.searchsorted(chosen[order], ids)]  # noqa: E731
+    batches = np.full((chosen.size, T, width), PAD, dtype=np.int64)
+    batches[run_index(batch_rows["run_id"]), batch_rows["step"] - 1, batch_rows["position"]] = batch_rows["example_id"]
+    test_position = np.full(n_test, -1, dtype=np.int64)
+    test_position[tests] = np.arange(tests.size)
+    losses = np.full((chosen.size, T + 1, tests.size), np.nan)
+    losses[run_index(loss_rows["run_id"]), loss_rows["step"], test_position[loss_rows["test_id"]]] = loss_rows["loss"]
+    if np.isnan(losses).any():
+        r, t, j = np.argwhere(np.isnan(losses))[0]
+        raise WarehouseError(f"run {chosen[r]} of {experiment!r} has no loss for test {tests[j]} at step {t}")
+    return RunSet(batches, losses, n_train=n_train, run_ids=chosen, test_ids=tests)

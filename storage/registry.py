@@ -1,0 +1,204 @@
+"""The versioned simulator registry: content-addressed bundles indexed in the warehouse.
+
+A bundle is a folder ``<registry_root>/<experiment>/<version>/`` holding the simulator's own
+files (``simulator.json``, ``parameters.safetensors``; never a pickle) and ``manifest.json``:
+method, hyperparameters, the fitting and held-out run ids, data and config hashes, code
+version, metrics, and the sha256 of every file. The version is the first 16 hex digits of the
+sha256 of the manifest's content part, so the same fit gives the same version. Bundles are
+written in a staging folder and renamed into place (atomic publish); the ``simulators`` and
+``aliases`` tables index them. Loading verifies every file's hash and refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simfluence.simulators import Simulator, load_simulator
+from storage.warehouse import Warehouse, WarehouseError, check_name, fetch_one
+
+MANIFEST = "manifest.json"
+
+
+class RegistryError(WarehouseError):
+    """Raised for unknown versions or aliases, tampered bundles and unsafe names."""
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """A published bundle: where it is and what its manifest says."""
+
+    experiment: str
+    version: str
+    path: Path
+    manifest: dict[str, Any]
+
+
+def code_version() -> str:
+    """The installed simfluence version, plus the git commit when run from a checkout."""
+    from simfluence import __version__
+
+    head = Path(__file__).resolve().parent.parent / ".git" / "HEAD"
+    commit = ""
+    try:
+        ref = head.read_text().strip()
+        commit = (head.parent / ref[5:]).read_text().strip()[:12] if ref.startswith("ref: ") else ref[:12]
+    except OSError:
+        pass
+    return f"{__version__}+{commit}" if commit else __version__
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def publish(
+    warehouse: Warehouse,
+    experiment: str,
+    simulator: Simulator,
+    *,
+    fit_run_ids: list[int] | np.ndarray,
+    heldout_run_ids: list[int] | np.ndarray,
+    data_hash: str,
+    config_hash: str,
+    metrics: dict[str, float] | None = None,
+    aliases: tuple[str, ...] = ("latest",),
+) -> BundleInfo:
+    """Save a fitted simulator as a bundle, index it, and point ``aliases`` at it. Idempotent."""
+    check_name(experiment, "experiment name")
+    for alias in aliases:
+        check_name(alias, "alias")
+    root = warehouse.registry_root / experiment
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".staging-{uuid.uuid4().hex}"
+    try:
+        simulator.save(staging)
+        files = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
+        content = {
+            "experiment": experiment,
+            "method": simulator.method,
+            "hyperparameters": simulator.hyperparameters(),
+            "fit_run_ids": sorted(int(r) for r in fit_run_ids),
+            "heldout_run_ids": sorted(int(r) for r in heldout_run_ids),
+            "data_hash": data_hash,
+            "config_hash": config_hash,
+            "files": files,
+        }
+        version = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+        manifest = {**content, "version": version, "code_version": code_version(), "metrics": metrics or {}}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        final = root / version
+        if final.exists():
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    manifest = json.loads((final / MANIFEST).read_text())
+    with warehouse.writer() as con:
+        con.execute("BEGIN TRANSACTION")
+        con.execute(
+            "INSERT INTO simulators (experiment, version, method, path, fit_run_ids, heldout_run_ids, "
+            "hyperparameters, data_hash, config_hash, code_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            [experiment, version, manifest["method"], f"{experiment}/{version}", manifest["fit_run_ids"],
+             manifest["heldout_run_ids"], json.dumps(manifest["hyperparameters"], sort_keys=True), data_hash,
+             config_hash, manifest["code_version"]],
+        )
+        for alias in aliases:
+            _set_alias(con, experiment, alias, version)
+        con.execute("COMMIT")
+    return BundleInfo(experiment, version, final, manifest)
+
+
+def _set_alias(con, experiment: str, alias: str, version: str) -> None:
+    con.execute(
+        "INSERT INTO aliases (experiment, alias, version) VALUES (?, ?, ?) "
+        "ON CONFLICT (experiment, alias) DO UPDATE SET version = excluded.version, updated_at = now()",
+        [experiment, alias, version],
+    )
+
+
+def set_alias(warehouse: Warehouse, experiment: str, alias: str, version: str) -> None:
+    """Point ``alias`` (e.g. ``best`` or a user name) at an existing version."""
+    check_name(alias, "alias")
+    with warehouse.writer() as con:
+        if fetch_one(con, "SELECT 1 FROM simulators WHERE experiment = ? AND version = ?", [experiment, version]) is None:
+            raise RegistryError(f"experiment {experiment!r} has no simulator version {version!r}")
+        _set_alias(con, experiment, alias, version)
+
+
+def resolve(warehouse: Warehouse, experiment: str, ref: str) -> BundleInfo:
+    """A version or alias of an experiment -> its bundle, with the manifest read and checked."""
+    check_name(experiment, "experiment name")
+    check_name(ref, "version or alias")
+    with warehouse.reader() as con:
+        row = fetch_one(con, "SELECT version FROM aliases WHERE experiment = ? AND alias = ?", [experiment, ref])
+        version = row[0] if row else ref
+        if fetch_one(con, "SELECT 1 FROM simulators WHERE experiment = ? AND version = ?", [experiment, version]) is None:
+            known = [r[0] for r in con.execute(
+                "SELECT alias FROM aliases WHERE experiment = ? ORDER BY alias", [experiment]).fetchall()]
+            raise RegistryError(f"experiment {experiment!r} has no simulator version or alias {ref!r} "
+                                f"(aliases: {', '.join(known) or 'none'})")
+    path = warehouse.registry_root / experiment / version
+    return BundleInfo(experiment, version, path, verify(path))
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """Check every file of a bundle against its manifest; return the manifest."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise RegistryError(f"{path}: no {MANIFEST}; not a registry bundle")
+    manifest = json.loads(manifest_path.read_text())
+    content = {k: manifest[k] for k in ("experiment", "method", "hyperparameters", "fit_run_ids",
+                                        "heldout_run_ids", "data_hash", "config_hash", "files")}
+    if hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16] != manifest["version"]:
+        raise RegistryError(f"{manifest_path}: manifest does not hash to its version {manifest['version']}")
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.is_file() or _sha256(file) != expected:
+            raise RegistryError(f"{file}: content does not match the hash in {MANIFEST}; refusing to load")
+    return manifest
+
+
+def load(warehouse: Warehouse, experiment: str, ref: str = "latest") -> tuple[Simulator, BundleInfo]:
+    """Load a verified simulator by version or alias."""
+    info = resolve(warehouse, experiment, ref)
+    return load_simulator(info.path), info
+
+
+def list_versions(warehouse: Warehouse, experiment: str) -> list[dict[str, Any]]:
+    """Every published version of an experiment with its aliases, newest first."""
+    with warehouse.reader() as con:
+        rows = con.execute(
+            "SELECT s.version, s.method, s.created_at, s.code_version, "
+            "list(a.alias ORDER BY a.alias) FILTER (WHERE a.alias IS NOT NULL) AS aliases "
+            "FROM simulators s LEFT JOIN aliases a USING (experiment, version) "
+            "WHERE s.experiment = ? GROUP BY ALL ORDER BY s.created_at DESC", [experiment]).fetchall()
+    return [{"version": v, "method": m, "created_at": str(c), "code_version": cv, "aliases": a or []}
+            for v, m, c, cv, a in rows]
+
+
+def compare(warehouse: Warehouse, experiment: str, refs: list[str]) -> list[dict[str, Any]]:
+    """Manifests' methods, hyperparameters, runs and metrics of several versions, side by side."""
+    out = []
+    for ref in refs:
+        info = resolve(warehouse, experiment, ref)
+        m = info.manifest
+        out.append({"ref": ref, "version": info.version, "method": m["method"],
+                    "hyperparameters": m["hyperparameters"], "n_fit_runs": len(m["fit_run_ids"]),
+                    "n_heldout_runs": len(m["heldout_run_ids"]), "metrics": m["metrics"]})
+    return out

@@ -1,0 +1,309 @@
+"""The DuckDB warehouse: one file, one writer process at a time, versioned schema.
+
+DuckDB allows one writer process per file, and while it writes other processes cannot even
+open the file read-only. So every write goes through :meth:`Warehouse.writer`, which holds an
+exclusive file lock (``warehouse.duckdb.lock``) for the duration of a short transaction, and
+readers use :meth:`Warehouse.reader`, which opens the file read-only, retrying while a writer
+holds it, and never takes the lock. Training runs never open the file: they write Parquet
+shards that the single ingest process loads (see :mod:`storage.ingest`).
+
+Layout under the home folder (``$SIMFLUENCE_HOME`` or ``./simfluence-data``)::
+
+    warehouse.duckdb          the tables and views below
+    shards/<experiment>/run-<id>/   Parquet loss shards and markers written by training runs
+    registry/<experiment>/<version>/ content-addressed simulator bundles
+"""
+
+from __future__ import annotations
+
+import fcntl
+import re
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+SCHEMA_VERSION = 1
+
+# Each migration takes the schema from version i to i + 1; index 0 creates version 1.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE experiments (
+        experiment   VARCHAR PRIMARY KEY,
+        created_at   TIMESTAMP NOT NULL DEFAULT now(),
+        config_hash  VARCHAR NOT NULL,
+        config_json  VARCHAR NOT NULL,
+        n_train      INTEGER NOT NULL,
+        n_test       INTEGER NOT NULL,
+        description  VARCHAR
+    );
+    CREATE TABLE examples (
+        experiment   VARCHAR NOT NULL,
+        split        VARCHAR NOT NULL CHECK (split IN ('train', 'test')),
+        example_id   INTEGER NOT NULL,
+        text         VARCHAR,
+        label        VARCHAR,
+        content_hash VARCHAR NOT NULL,
+        PRIMARY KEY (experiment, split, example_id)
+    );
+    CREATE TABLE runs (
+        experiment      VARCHAR NOT NULL,
+        run_id          INTEGER NOT NULL,
+        attempt         VARCHAR NOT NULL,
+        status          VARCHAR NOT NULL CHECK (status IN ('running', 'complete', 'failed')),
+        reason          VARCHAR,
+        seed            BIGINT,
+        curriculum_kind VARCHAR,
+        config_hash     VARCHAR,
+        code_version    VARCHAR,
+        n_steps         INTEGER NOT NULL,
+        batch_size      INTEGER NOT NULL,
+        started_at      TIMESTAMP,
+        finished_at     TIMESTAMP,
+        PRIMARY KEY (experiment, run_id)
+    );
+    CREATE TABLE batches (
+        experiment  VARCHAR NOT NULL,
+        run_id      INTEGER NOT NULL,
+        step        INTEGER NOT NULL,
+        position    INTEGER NOT NULL,
+        example_id  INTEGER NOT NULL,
+        PRIMARY KEY (experiment, run_id, step, position)
+    );
+    -- No index on losses: bulk loads would slow several-fold. Duplicates are impossible
+    -- because every row arrives in exactly one shard, each shard is loaded once (the
+    -- manifest, in the same transaction), and a restarted run's rows are replaced.
+    CREATE TABLE losses (
+        experiment  VARCHAR NOT NULL,
+        run_id      INTEGER NOT NULL,
+        step        INTEGER NOT NULL,
+        test_id     INTEGER NOT NULL,
+        loss        DOUBLE NOT NULL
+    );
+    CREATE TABLE checkpoints (
+        experiment      VARCHAR NOT NULL,
+        checkpoint_step INTEGER NOT NULL,
+        PRIMARY KEY (experiment, checkpoint_step)
+    );
+    CREATE TABLE step_learning_rates (
+        experiment     VARCHAR NOT NULL,
+        step           INTEGER NOT NULL,
+        learning_rate  DOUBLE NOT NULL,
+        PRIMARY KEY (experiment, step)
+    );
+    CREATE TABLE projected_gradients (
+        experiment      VARCHAR NOT NULL,
+        checkpoint_step INTEGER NOT NULL,
+        split           VARCHAR NOT NULL CHECK (split IN ('train', 'test')),
+        example_id      INTEGER NOT NULL,
+        gradient        FLOAT[] NOT NULL,
+        PRIMARY KEY (experiment, checkpoint_step, split, example_id)
+    );
+    CREATE TABLE simulators (
+        experiment       VARCHAR NOT NULL,
+        version          VARCHAR NOT NULL,
+        method           VARCHAR NOT NULL,
+        created_at       TIMESTAMP NOT NULL DEFAULT now(),
+        path             VARCHAR NOT NULL,
+        fit_run_ids      INTEGER[] NOT NULL,
+        heldout_run_ids  INTEGER[] NOT NULL,
+        hyperparameters  VARCHAR NOT NULL,
+        data_hash        VARCHAR NOT NULL,
+        config_hash      VARCHAR NOT NULL,
+        code_version     VARCHAR NOT NULL,
+        PRIMARY KEY (experiment, version)
+    );
+    CREATE TABLE aliases (
+        experiment  VARCHAR NOT NULL,
+        alias       VARCHAR NOT NULL,
+        version     VARCHAR NOT NULL,
+        updated_at  TIMESTAMP NOT NULL DEFAULT now(),
+        PRIMARY KEY (experiment, alias)
+    );
+    CREATE TABLE evaluations (
+        experiment    VARCHAR NOT NULL,
+        version       VARCHAR NOT NULL,
+        metric        VARCHAR NOT NULL,
+        value         DOUBLE,
+        ci_low        DOUBLE,
+        ci_high       DOUBLE,
+        heldout_hash  VARCHAR NOT NULL,
+        n_heldout     INTEGER NOT NULL,
+        evaluated_at  TIMESTAMP NOT NULL DEFAULT now(),
+        PRIMARY KEY (experiment, version, metric, heldout_hash)
+    );
+    CREATE TABLE shard_manifest (
+        path        VARCHAR PRIMARY KEY,
+        experiment  VARCHAR NOT NULL,
+        run_id      INTEGER NOT NULL,
+        attempt     VARCHAR NOT NULL,
+        kind        VARCHAR NOT NULL,
+        n_rows      BIGINT NOT NULL,
+        loaded_at   TIMESTAMP NOT NULL DEFAULT now()
+    );
+    CREATE VIEW loss_curves AS
+        SELECT l.experiment, l.run_id, l.test_id, l.step, l.loss
+        FROM losses l JOIN runs r USING (experiment, run_id)
+        WHERE r.status = 'complete';
+    CREATE VIEW final_losses AS
+        SELECT l.experiment, l.run_id, r.curriculum_kind, l.test_id, l.loss
+        FROM losses l JOIN runs r USING (experiment, run_id)
+        WHERE r.status = 'complete' AND l.step = r.n_steps;
+    CREATE VIEW example_coverage AS
+        SELECT e.experiment, e.example_id,
+               count(b.run_id) AS occurrences,
+               count(DISTINCT b.run_id) AS runs_with
+        FROM examples e
+        LEFT JOIN (SELECT b.* FROM batches b JOIN runs r USING (experiment, run_id)
+                   WHERE r.status = 'complete') b
+          ON b.experiment = e.experiment AND b.example_id = e.example_id
+        WHERE e.split = 'train'
+        GROUP BY e.experiment, e.example_id;
+    CREATE VIEW leaderboard AS
+        SELECT s.experiment, s.version, s.method, s.created_at,
+               max(CASE WHEN ev.metric = 'all_steps_mse' THEN ev.value END) AS all_steps_mse,
+               max(CASE WHEN ev.metric = 'all_steps_mse' THEN ev.ci_low END) AS mse_ci_low,
+               max(CASE WHEN ev.metric = 'all_steps_mse' THEN ev.ci_high END) AS mse_ci_high,
+               max(CASE WHEN ev.metric = 'all_steps_mae' THEN ev.value END) AS all_steps_mae,
+               max(CASE WHEN ev.metric = 'spearman_across_runs' THEN ev.value END) AS spearman_across_runs,
+               max(CASE WHEN ev.metric = 'spearman_across_tests' THEN ev.value END) AS spearman_across_tests,
+               max(ev.n_heldout) AS n_heldout
+        FROM simulators s JOIN evaluations ev USING (experiment, version)
+        GROUP BY s.experiment, s.version, s.method, s.created_at
+        ORDER BY s.experiment, all_steps_mse;
+    """,
+]
+
+
+class WarehouseError(RuntimeError):
+    """Raised for an unusable warehouse file (newer schema, unreadable, locked too long)."""
+
+
+def default_home() -> Path:
+    """``$SIMFLUENCE_HOME`` or ``./simfluence-data``."""
+    return Path(os.environ.get("SIMFLUENCE_HOME", "simfluence-data"))
+
+
+class Warehouse:
+    """A warehouse file and its shard and registry folders beside it.
+
+    Args:
+        path: the DuckDB file (default ``<home>/warehouse.duckdb``).
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else default_home() / "warehouse.duckdb"
+        self.home = self.path.parent
+        self.shard_root = self.home / "shards"
+        self.registry_root = self.home / "registry"
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+
+    # ---- writing -------------------------------------------------------------------------
+
+    @contextmanager
+    def writer(self, timeout: float = 600.0) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Exclusive read-write connection: takes the file lock, creates or migrates the schema.
+
+        Hold it briefly: while it is open no other process can read the file.
+        """
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a+") as lock:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise WarehouseError(f"{self.lock_path}: another writer held the lock for {timeout:.0f} s")
+                    time.sleep(0.05)
+            try:
+                con = duckdb.connect(str(self.path))
+                try:
+                    migrate(con, self.path)
+                    yield con
+                finally:
+                    con.close()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    # ---- reading -------------------------------------------------------------------------
+
+    @contextmanager
+    def reader(self, timeout: float = 30.0) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Read-only connection; retries while a writer holds the file. Never takes the lock."""
+        if not self.path.exists():
+            raise WarehouseError(f"{self.path}: no warehouse here yet (collect or ingest runs first)")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), read_only=True)
+                break
+            except duckdb.IOException as error:
+                if time.monotonic() > deadline:
+                    raise WarehouseError(f"{self.path}: still being written after {timeout:.0f} s ({error})") from None
+                time.sleep(0.1)
+        try:
+            version = schema_version(con)
+            if version != SCHEMA_VERSION:
+                raise WarehouseError(
+                    f"{self.path}: schema version {version}, this code reads {SCHEMA_VERSION}"
+                    + ("; open it with a writer to upgrade it" if version < SCHEMA_VERSION else "; upgrade simfluence")
+                )
+            yield con
+        finally:
+            con.close()
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    """The schema version recorded in the file (0 for an empty file)."""
+    exists = fetch_one(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'")[0]
+    if not exists:
+        return 0
+    return int(fetch_one(con, "SELECT coalesce(max(version), 0) FROM schema_version")[0])
+
+
+def migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Bring the schema to :data:`SCHEMA_VERSION`, one migration per transaction; refuse a newer one."""
+    con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMP NOT NULL)")
+    current = schema_version(con)
+    if current > SCHEMA_VERSION:
+        raise WarehouseError(
+            f"{path}: schema version {current} was written by a newer simfluence (this one knows "
+            f"{SCHEMA_VERSION}); refusing to touch it"
+        )
+    for version in range(current, SCHEMA_VERSION):
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(MIGRATIONS[version])
+            con.execute("INSERT INTO schema_version VALUES (?, now())", [version + 1])
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(name: str, what: str) -> str:
+    """Return ``name`` if it is a safe identifier for folders and keys, else raise naming ``what``.
+
+    Letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit, at most 64
+    characters: no separators, so no name can escape its folder.
+    """
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        raise WarehouseError(
+            f"invalid {what} {name!r}: use letters, digits, '.', '_' and '-' (no '..', at most 64 characters)"
+        )
+    return name
+
+
+def fetch_one(con: duckdb.DuckDBPyConnection, query: str, params: list | None = None) -> tuple | None:
+    """The first row of a query, or None; drains the result (DuckDB 2.0 refuses further work on a
+    connection while a result is unfinished, which ``fetchone()`` leaves it)."""
+    rows = con.execute(query, params or []).fetchall()
+    return rows[0] if rows else None
