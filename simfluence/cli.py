@@ -95,7 +95,66 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_demo)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo]
+def _warehouse(args: argparse.Namespace):
+    from storage.warehouse import Warehouse  # the science itself never imports DuckDB
+
+    return Warehouse(args.warehouse)
+
+
+def cmd_ingest(args: argparse.Namespace) -> dict:
+    """Load new loss shards into the warehouse (the single writer)."""
+    from storage.ingest import ingest
+
+    report = ingest(_warehouse(args), args.experiment).to_dict()
+    if not args.json:
+        print(f"loaded {report['loaded_shards']} shards ({report['loaded_rows']} rows); "
+              f"{len(report['completed_runs'])} runs completed, {len(report['failed_runs'])} failed")
+        for failed in report["failed_runs"]:
+            print(f"  failed: {failed['experiment']} run {failed['run_id']}: {failed['reason']}")
+        for rejected in report["rejected"]:
+            print(f"  rejected: {rejected['path']}: {rejected['reason']}", file=sys.stderr)
+    return report
+
+
+def cmd_sql(args: argparse.Namespace) -> dict | None:
+    """Run one read-only query; never takes the writer lock."""
+    import duckdb
+
+    with _warehouse(args).reader() as con:
+        try:
+            frame = con.sql(args.query).pl()
+        except duckdb.Error as error:
+            raise SqlError(f"{type(error).__name__}: {error}".splitlines()[0]) from None
+        except AttributeError:
+            raise SqlError("the statement returns no rows (only queries are allowed: the warehouse opens read-only)")
+    if args.json or args.format == "json":
+        return {"columns": frame.columns, "rows": frame.rows()} if args.json else print(frame.write_json()) or None
+    if args.format == "csv":
+        print(frame.write_csv(), end="")
+    else:
+        with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
+            print(frame)
+    return None
+
+
+class SqlError(ValueError):
+    """A query the warehouse refused."""
+
+
+def _add_storage(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ingest", help="load new loss shards into the warehouse")
+    p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
+    p.add_argument("--experiment", default=None, help="only this experiment's shards")
+    p.set_defaults(handler=cmd_ingest)
+    p = sub.add_parser("sql", help="run a read-only SQL query against the warehouse")
+    p.add_argument("query")
+    p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--max-rows", type=int, default=50, help="rows shown in table format")
+    p.set_defaults(handler=cmd_sql)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_storage]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,14 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    errors: tuple[type[Exception], ...] = USER_ERRORS + (SqlError,)
+    if "storage.warehouse" in sys.modules:
+        errors += (sys.modules["storage.warehouse"].WarehouseError,)
+    return errors
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.handler(args)
-    except USER_ERRORS as error:
+    except _user_errors() as error:
         print(f"simfluence {args.command}: error: {error}", file=sys.stderr)
         return 2
-    if args.json:
+    if args.json and result is not None:
         print(json.dumps(result, default=_json_default, indent=2))
     return 0
 

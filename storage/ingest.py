@@ -62,6 +62,8 @@ def ingest(warehouse: Warehouse, experiment: str | None = None) -> IngestReport:
 
 def _ingest_run(con: duckdb.DuckDBPyConnection, root: Path, folder: Path, known: dict[str, int],
                 loaded: set[str], report: IngestReport) -> None:
+    # The marker first: it is written last, so every shard it vouches for is listed below.
+    marker = read_marker(folder)
     parquet = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".tmp-"))
     try:
         header = RunHeader.from_json((folder / HEADER_NAME).read_text())
@@ -96,7 +98,6 @@ def _ingest_run(con: duckdb.DuckDBPyConnection, root: Path, folder: Path, known:
             report.rejected.append((str(path), problem))
         else:
             good.append((path, kind, rows))
-    marker = read_marker(folder)
     con.execute("BEGIN TRANSACTION")
     try:
         if existing is None or existing[0] != header.attempt:

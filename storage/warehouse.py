@@ -253,9 +253,31 @@ class Warehouse:
                     f"{self.path}: schema version {version}, this code reads {SCHEMA_VERSION}"
                     + ("; open it with a writer to upgrade it" if version < SCHEMA_VERSION else "; upgrade simfluence")
                 )
+            self._create_live_losses(con)
             yield con
         finally:
             con.close()
+
+
+    def _create_live_losses(self, con: duckdb.DuckDBPyConnection) -> None:
+        """TEMP VIEW ``live_losses``: loss rows in shard files not yet ingested (never locked)."""
+        root = self.shard_root.resolve().as_posix().replace("'", "''")
+        pattern = f"{root}/*/run-*/losses-*.parquet"
+        if not list(self.shard_root.glob("*/run-*/losses-*.parquet")):
+            con.execute(
+                "CREATE TEMP VIEW live_losses AS SELECT NULL::VARCHAR AS experiment, NULL::INTEGER AS run_id, "
+                "NULL::INTEGER AS step, NULL::INTEGER AS test_id, NULL::DOUBLE AS loss, NULL::VARCHAR AS shard "
+                "WHERE false"
+            )
+            return
+        con.execute(f"""
+            CREATE TEMP VIEW live_losses AS
+            SELECT regexp_extract(filename, '([^/]+)/run-[0-9]+/[^/]+$', 1) AS experiment,
+                   CAST(regexp_extract(filename, 'run-([0-9]+)/', 1) AS INTEGER) AS run_id,
+                   step, test_id, loss, filename AS shard
+            FROM read_parquet('{pattern}', filename = true)
+            WHERE filename NOT IN (SELECT '{root}/' || path FROM shard_manifest)
+        """)
 
 
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:

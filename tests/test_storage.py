@@ -1,0 +1,281 @@
+"""The warehouse, loss shards, ingest and the registry, on real DuckDB files and processes."""
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+import simfluence as sf
+from storage import registry, warehouse as warehouse_module
+from storage.experiments import load_runset, register_experiment
+from storage.ingest import ingest
+from storage.shards import LossShardWriter, RunHeader, ShardError
+from storage.warehouse import Warehouse, WarehouseError, fetch_one
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shard_writer_process import synthetic_run  # noqa: E402
+
+WRITER = Path(__file__).parent / "shard_writer_process.py"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def examples(k: int) -> pl.DataFrame:
+    return pl.DataFrame({"example_id": range(k), "text": [f"text {i}" for i in range(k)], "label": ["a"] * k})
+
+
+@pytest.fixture
+def wh(tmp_path) -> Warehouse:
+    warehouse = Warehouse(tmp_path / "warehouse.duckdb")
+    register_experiment(warehouse, "exp", {"seed": 1}, examples(20), examples(5))
+    return warehouse
+
+
+def write_run(wh: Warehouse, runs: sf.RunSet, r: int, run_id: int | None = None, flush_every: int = 3) -> None:
+    header = RunHeader("exp", r if run_id is None else run_id, runs.n_steps, runs.batch_size, runs.n_tests,
+                       curriculum_kind="uniform")
+    writer = LossShardWriter(wh.shard_root, header, flush_every=flush_every)
+    writer.write_batches(runs.batches[r])
+    for t in range(runs.n_steps + 1):
+        writer.log(t, runs.losses[r, t])
+    writer.complete()
+
+
+def run_writer_process(wh: Warehouse, run_id: int, steps: int = 6, sleep: float = 0.0) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(WRITER), str(wh.shard_root), "exp", str(run_id), str(steps), "5",
+                             "20", str(sleep)], env=env)
+
+
+def query(wh: Warehouse, sql: str, params=None):
+    with wh.reader() as con:
+        return con.execute(sql, params or []).fetchall()
+
+
+def test_schema_is_created_with_its_version_and_views(wh):
+    assert query(wh, "SELECT max(version) FROM schema_version") == [(warehouse_module.SCHEMA_VERSION,)]
+    views = {r[0] for r in query(wh, "SELECT view_name FROM duckdb_views() WHERE NOT internal")}
+    assert {"loss_curves", "final_losses", "example_coverage", "leaderboard", "live_losses"} <= views
+
+
+def test_newer_schema_is_refused(wh):
+    with wh.writer() as con:
+        con.execute("INSERT INTO schema_version VALUES (99, now())")
+    with pytest.raises(WarehouseError, match="newer simfluence"):
+        with wh.writer():
+            pass
+    with pytest.raises(WarehouseError, match="schema version 99"):
+        with wh.reader():
+            pass
+
+
+def test_older_file_is_upgraded_in_place(wh, monkeypatch):
+    runs, _ = sf.synthetic.linear_runs(20, 5, 2, 4, 2, seed=0)
+    write_run(wh, runs, 0)
+    ingest(wh)
+    monkeypatch.setattr(warehouse_module, "MIGRATIONS",
+                        warehouse_module.MIGRATIONS + ["ALTER TABLE runs ADD COLUMN note VARCHAR"])
+    monkeypatch.setattr(warehouse_module, "SCHEMA_VERSION", 2)
+    with pytest.raises(WarehouseError, match="open it with a writer to upgrade"):
+        with wh.reader():
+            pass
+    with wh.writer():
+        pass
+    assert query(wh, "SELECT max(version) FROM schema_version") == [(2,)]
+    assert query(wh, "SELECT count(*), count(note) FROM runs") == [(1, 0)]
+    assert query(wh, "SELECT count(*) FROM losses") == [(5 * 5,)]
+
+
+def test_round_trip_is_exact_and_ingest_is_idempotent(wh):
+    runs, _ = sf.synthetic.linear_runs(20, 5, 4, 6, 2, seed=0)
+    for r in range(4):
+        write_run(wh, runs, r)
+    first = ingest(wh)
+    assert len(first.completed_runs) == 4 and first.loaded_rows == 4 * 7 * 5 + 4 * 6 * 2
+    again = ingest(wh)
+    assert again.loaded_shards == 0 and again.loaded_rows == 0
+    assert query(wh, "SELECT count(*), count(DISTINCT (run_id, step, test_id)) FROM losses") == [(140, 140)]
+    back = load_runset(wh, "exp")
+    np.testing.assert_array_equal(back.batches, runs.batches)
+    np.testing.assert_array_equal(back.losses, runs.losses)
+    part = load_runset(wh, "exp", run_ids=[2, 0], test_ids=[4, 1])
+    np.testing.assert_array_equal(part.losses, runs.losses[[2, 0]][:, :, [4, 1]])
+    assert query(wh, "SELECT status, curriculum_kind FROM runs WHERE run_id = 0") == [("complete", "uniform")]
+
+
+def test_failed_and_diverged_runs_are_recorded_and_never_loaded(wh):
+    runs, _ = sf.synthetic.linear_runs(20, 5, 3, 6, 2, seed=0)
+    write_run(wh, runs, 0)
+    header = RunHeader("exp", 1, 6, 2, 5)
+    writer = LossShardWriter(wh.shard_root, header)
+    writer.write_batches(runs.batches[1])
+    writer.log(0, runs.losses[1, 0])
+    writer.fail("loss became NaN at step 1")
+    diverged = runs.losses[2].copy()
+    diverged[4, 3] = np.inf
+    writer = LossShardWriter(wh.shard_root, RunHeader("exp", 2, 6, 2, 5))
+    writer.write_batches(runs.batches[2])
+    for t in range(7):
+        writer.log(t, diverged[t])
+    writer.complete()
+    report = ingest(wh)
+    reasons = dict((run[1], why) for run, why in report.failed_runs)
+    assert reasons == {1: "loss became NaN at step 1", 2: "1 non-finite losses (diverged)"}
+    assert load_runset(wh, "exp").run_ids.tolist() == [0]
+    with pytest.raises(WarehouseError, match=r"runs \[1\] of 'exp' are unknown or not complete"):
+        load_runset(wh, "exp", run_ids=[0, 1])
+
+
+def test_bad_shards_are_rejected_and_left_in_place(wh, tmp_path):
+    runs, _ = sf.synthetic.linear_runs(20, 5, 2, 6, 2, seed=0)
+    write_run(wh, runs, 0)
+    stray = wh.shard_root / "exp" / "run-000009"
+    stray.mkdir()
+    pl.DataFrame({"step": [0], "test_id": [0], "loss": [1.0]}).write_parquet(stray / "losses-x-0-0.parquet")
+    unknown = wh.shard_root / "nobody" / "run-000000"
+    write_run(wh, runs, 1)
+    os.rename(wh.shard_root / "exp" / "run-000001", tmp_path / "moved")
+    unknown.parent.mkdir()
+    os.rename(tmp_path / "moved", unknown)
+    header = json.loads((unknown / "run.json").read_text())
+    (unknown / "run.json").write_text(json.dumps({**header, "experiment": "nobody", "run_id": 0}))
+    attempt = json.loads((wh.shard_root / "exp" / "run-000000" / "run.json").read_text())["attempt"]
+    wrong = wh.shard_root / "exp" / "run-000000" / f"losses-{attempt}-000100-000100.parquet"
+    pl.DataFrame({"step": [1.5], "test": [0]}).write_parquet(wrong)
+    report = ingest(wh)
+    reasons = {Path(path).name if Path(path).suffix else path: why for path, why in report.rejected}
+    assert "run.json is missing" in reasons["losses-x-0-0.parquet"]
+    assert any("experiment 'nobody' is not registered" in why for why in reasons.values())
+    assert "wrong schema" in reasons[wrong.name]
+    assert wrong.exists() and (stray / "losses-x-0-0.parquet").exists()
+    assert report.completed_runs == [("exp", 0)]
+
+
+def test_a_killed_writer_leaves_no_complete_run_and_a_rerun_recovers(wh):
+    process = run_writer_process(wh, 7, steps=40, sleep=0.05)
+    folder = wh.shard_root / "exp" / "run-000007"
+    deadline = time.monotonic() + 60
+    while len(list(folder.glob("losses-*.parquet"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (folder / "marker.json").exists()
+    assert not list(folder.glob(".tmp-*")) or all(p.stat().st_size >= 0 for p in folder.glob(".tmp-*"))
+    report = ingest(wh)
+    assert report.completed_runs == [] and report.loaded_shards >= 2
+    assert query(wh, "SELECT status FROM runs WHERE run_id = 7") == [("running",)]
+    assert query(wh, "SELECT count(*) FROM loss_curves") == [(0,)]
+    with pytest.raises(WarehouseError, match="no complete runs"):
+        load_runset(wh, "exp")
+    assert run_writer_process(wh, 7, steps=40).wait() == 0
+    report = ingest(wh)
+    assert report.completed_runs == [("exp", 7)]
+    assert query(wh, "SELECT count(*), count(DISTINCT (step, test_id)) FROM losses WHERE run_id = 7") == [(205, 205)]
+    batches, losses = synthetic_run(7, 40, 5, 20)
+    np.testing.assert_array_equal(load_runset(wh, "exp").losses[0], losses)
+
+
+def test_eight_writers_while_ingest_runs_lose_nothing(wh):
+    processes = [run_writer_process(wh, run_id, steps=12, sleep=0.01) for run_id in range(8)]
+    loads = 0
+    while any(p.poll() is None for p in processes):
+        loads += ingest(wh).loaded_shards
+        time.sleep(0.05)
+    assert all(p.returncode == 0 for p in processes)
+    ingest(wh)
+    assert query(wh, "SELECT count(*) FROM runs WHERE status = 'complete'") == [(8,)]
+    assert query(wh, "SELECT count(*), count(DISTINCT (run_id, step, test_id)) FROM losses") == [(8 * 13 * 5,) * 2]
+    assert loads > 0  # ingest really ran while the writers wrote
+
+
+def test_writer_refuses_to_overwrite_a_complete_run(wh):
+    runs, _ = sf.synthetic.linear_runs(20, 5, 1, 6, 2, seed=0)
+    write_run(wh, runs, 0)
+    with pytest.raises(ShardError, match="already complete"):
+        LossShardWriter(wh.shard_root, RunHeader("exp", 0, 6, 2, 5))
+
+
+def test_live_losses_show_what_is_not_yet_ingested(wh):
+    runs, _ = sf.synthetic.linear_runs(20, 5, 2, 6, 2, seed=0)
+    assert query(wh, "SELECT count(*) FROM live_losses") == [(0,)]
+    write_run(wh, runs, 0)
+    assert query(wh, "SELECT count(*), min(experiment), min(run_id) FROM live_losses") == [(35, "exp", 0)]
+    ingest(wh)
+    assert query(wh, "SELECT count(*) FROM live_losses") == [(0,)]
+
+
+def test_registry_publish_load_alias_and_refusals(wh):
+    runs, _ = sf.synthetic.linear_runs(20, 5, 6, 6, 2, seed=0)
+    simulator = sf.SimfluenceLinear(l2=0.1).fit(runs)
+    info = registry.publish(wh, "exp", simulator, fit_run_ids=range(6), heldout_run_ids=[], data_hash="d",
+                            config_hash="c", metrics={"all_steps_mse": 0.1})
+    assert registry.publish(wh, "exp", simulator, fit_run_ids=range(6), heldout_run_ids=[], data_hash="d",
+                            config_hash="c").version == info.version  # content-addressed
+    assert not list(info.path.parent.glob(".staging-*"))
+    loaded, _ = registry.load(wh, "exp", "latest")
+    np.testing.assert_array_equal(loaded.A, simulator.A)
+    registry.set_alias(wh, "exp", "best", info.version)
+    assert registry.list_versions(wh, "exp")[0]["aliases"] == ["best", "latest"]
+    assert registry.compare(wh, "exp", ["best"])[0]["metrics"] == {"all_steps_mse": 0.1}
+    with pytest.raises(registry.RegistryError, match="no simulator version or alias 'nope'"):
+        registry.load(wh, "exp", "nope")
+    with pytest.raises(WarehouseError, match="invalid version or alias '../../etc'"):
+        registry.load(wh, "exp", "../../etc")
+    with pytest.raises(WarehouseError, match="invalid alias"):
+        registry.set_alias(wh, "exp", "a/b", info.version)
+    params = info.path / "parameters.safetensors"
+    data = bytearray(params.read_bytes())
+    data[-1] ^= 1
+    params.write_bytes(bytes(data))
+    with pytest.raises(registry.RegistryError, match="does not match the hash"):
+        registry.load(wh, "exp", info.version)
+
+
+def test_hostile_strings_are_inert(wh):
+    hostile = "exp'; DROP TABLE losses; --"
+    with pytest.raises(WarehouseError, match="unknown experiment"):
+        load_runset(wh, hostile)
+    with pytest.raises(WarehouseError, match="invalid experiment name"):
+        register_experiment(wh, hostile, {}, examples(2), examples(2))
+    assert query(wh, "SELECT count(*) FROM losses") == [(0,)]
+
+
+def test_bad_experiments_are_refused(wh):
+    with pytest.raises(WarehouseError, match="exists with another config"):
+        register_experiment(wh, "exp", {"seed": 2}, examples(20), examples(5))
+    with pytest.raises(WarehouseError, match="test split of experiment 'e2' is empty"):
+        register_experiment(wh, "e2", {}, examples(3), examples(0))
+    with pytest.raises(WarehouseError, match="lack columns"):
+        register_experiment(wh, "e2", {}, examples(3).drop("label"), examples(1))
+
+
+def test_sql_command_reads_while_the_writer_lock_is_held(wh, capsys):
+    from simfluence.cli import main
+
+    runs, _ = sf.synthetic.linear_runs(20, 5, 2, 6, 2, seed=0)
+    write_run(wh, runs, 0)
+    ingest(wh)
+    args = ["--warehouse", str(wh.path)]
+    with open(wh.lock_path) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # an ingest between transactions holds only the lock
+        assert main(["sql", "SELECT run_id, count(*) AS n FROM losses GROUP BY run_id", *args, "--format", "csv"]) == 0
+        assert capsys.readouterr().out == "run_id,n\n0,35\n"
+        assert main(["--json", "sql", "SELECT count(*) AS n FROM final_losses", *args]) == 0
+        assert json.loads(capsys.readouterr().out) == {"columns": ["n"], "rows": [[5]]}
+        assert main(["sql", "DELETE FROM losses", *args]) == 2
+        assert "read-only" in capsys.readouterr().err
+    assert main(["sql", "SELECT 1", "--warehouse", str(wh.path.parent / "none.duckdb")]) == 2
+    assert "no warehouse here yet" in capsys.readouterr().err
+
+
+def test_the_science_imports_neither_duckdb_nor_prefect():
+    code = "import sys, simfluence, simfluence.cli; print('duckdb' in sys.modules or 'prefect' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"
