@@ -202,3 +202,24 @@ def compare(warehouse: Warehouse, experiment: str, refs: list[str]) -> list[dict
                     "hyperparameters": m["hyperparameters"], "n_fit_runs": len(m["fit_run_ids"]),
                     "n_heldout_runs": len(m["heldout_run_ids"]), "metrics": m["metrics"]})
     return out
+
+
+def record_evaluation(
+    warehouse: Warehouse, experiment: str, version: str, scores: list[dict[str, Any]], heldout_run_ids: list[int]
+) -> None:
+    """Write a simulator's held-out scores (rows with ``metric``, ``value``, ``ci_low``,
+    ``ci_high``) to ``evaluations``; re-evaluating on the same held-out runs replaces them."""
+    held = sorted(int(r) for r in heldout_run_ids)
+    heldout_hash = hashlib.sha256(json.dumps(held).encode()).hexdigest()[:16]
+    with warehouse.writer() as con:
+        if fetch_one(con, "SELECT 1 FROM simulators WHERE experiment = ? AND version = ?", [experiment, version]) is None:
+            raise RegistryError(f"experiment {experiment!r} has no simulator version {version!r}")
+        con.execute("BEGIN TRANSACTION")
+        for row in scores:
+            con.execute(
+                "INSERT INTO evaluations (experiment, version, metric, value, ci_low, ci_high, heldout_hash, n_heldout) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (experiment, version, metric, heldout_hash) DO UPDATE SET "
+                "value = excluded.value, ci_low = excluded.ci_low, ci_high = excluded.ci_high, evaluated_at = now()",
+                [experiment, version, row["metric"], row["value"], row["ci_low"], row["ci_high"], heldout_hash, len(held)],
+            )
+        con.execute("COMMIT")
