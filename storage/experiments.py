@@ -8,7 +8,10 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from simfluence.gradients import GradientCheckpoints
 from simfluence.runset import PAD, RunSet
 from storage.warehouse import Warehouse, WarehouseError, check_name, fetch_one
 
@@ -134,3 +137,67 @@ def load_runset(
         r, t, j = np.argwhere(np.isnan(losses))[0]
         raise WarehouseError(f"run {chosen[r]} of {experiment!r} has no loss for test {tests[j]} at step {t}")
     return RunSet(batches, losses, n_train=n_train, run_ids=chosen, test_ids=tests)
+
+
+def store_gradients(warehouse: Warehouse, experiment: str, gradients: GradientCheckpoints) -> None:
+    """Store the gradient-baseline inputs of an experiment (replacing earlier ones), in bulk."""
+    K, n, d = gradients.train_grads.shape
+    m = gradients.test_grads.shape[1]
+
+    def gradient_rows(split: str, grads: np.ndarray) -> pa.Table:
+        count = grads.shape[1]
+        flat = pa.array(np.ascontiguousarray(grads, dtype=np.float32).reshape(-1))
+        return pa.table({
+            "experiment": pa.array([experiment] * (K * count)),
+            "checkpoint_step": pa.array(np.repeat(gradients.steps, count).astype(np.int32)),
+            "split": pa.array([split] * (K * count)),
+            "example_id": pa.array(np.tile(np.arange(count, dtype=np.int32), K)),
+            "gradient": pa.ListArray.from_arrays(pa.array(np.arange(0, K * count * d + 1, d, dtype=np.int32)), flat),
+        })
+
+    rows = pa.concat_tables([gradient_rows("train", gradients.train_grads), gradient_rows("test", gradients.test_grads)])
+    curvature = [None] * K if gradients.curvatures is None else [
+        np.asarray(c, dtype=np.float32).reshape(-1).tolist() for c in gradients.curvatures]
+    with warehouse.writer() as con:
+        row = fetch_one(con, "SELECT n_train, n_test FROM experiments WHERE experiment = ?", [experiment])
+        if row is None:
+            raise WarehouseError(f"unknown experiment {experiment!r}")
+        if row != (n, m):
+            raise WarehouseError(f"gradients are for n={n}, m={m}; experiment {experiment!r} has n={row[0]}, m={row[1]}")
+        con.register("new_gradients", rows)
+        con.execute("BEGIN TRANSACTION")
+        for table in ("checkpoints", "step_learning_rates", "projected_gradients"):
+            con.execute(f"DELETE FROM {table} WHERE experiment = ?", [experiment])
+        for step, curv in zip(gradients.steps.tolist(), curvature):
+            con.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?)", [experiment, step, gradients.batch_size, curv])
+        con.execute("INSERT INTO step_learning_rates SELECT ?, unnest(range(1, ?)), unnest(?::DOUBLE[])",
+                    [experiment, len(gradients.learning_rates) + 1, gradients.learning_rates.tolist()])
+        con.execute("INSERT INTO projected_gradients SELECT * FROM new_gradients")
+        con.execute("COMMIT")
+        con.unregister("new_gradients")
+
+
+def load_gradients(warehouse: Warehouse, experiment: str) -> GradientCheckpoints:
+    """The gradient-baseline inputs of an experiment as :class:`GradientCheckpoints`."""
+    with warehouse.reader() as con:
+        checkpoints = con.execute(
+            "SELECT checkpoint_step, batch_size, curvature FROM checkpoints WHERE experiment = ? "
+            "ORDER BY checkpoint_step", [experiment]).fetchall()
+        if not checkpoints:
+            raise WarehouseError(f"experiment {experiment!r} has no gradient checkpoints stored")
+        rates = con.execute("SELECT learning_rate FROM step_learning_rates WHERE experiment = ? ORDER BY step",
+                            [experiment]).fetchnumpy()["learning_rate"]
+        grads = {}
+        for split in ("train", "test"):
+            table = con.sql(
+                "SELECT gradient FROM projected_gradients WHERE experiment = ? AND split = ? "
+                "ORDER BY checkpoint_step, example_id", params=[experiment, split]).to_arrow_table()
+            flat = pc.list_flatten(table["gradient"]).to_numpy()
+            d = len(table["gradient"][0]) if table.num_rows else 0
+            grads[split] = flat.reshape(len(checkpoints), -1, d)
+    steps = np.array([c[0] for c in checkpoints])
+    curvatures = None
+    if checkpoints[0][2] is not None:
+        d = grads["train"].shape[2]
+        curvatures = np.array([np.asarray(c[2], dtype=np.float32).reshape(d, d) for c in checkpoints])
+    return GradientCheckpoints(steps, rates, grads["train"], grads["test"], int(checkpoints[0][1]), curvatures)

@@ -86,6 +86,8 @@ MIGRATIONS: list[str] = [
     CREATE TABLE checkpoints (
         experiment      VARCHAR NOT NULL,
         checkpoint_step INTEGER NOT NULL,
+        batch_size      INTEGER NOT NULL,
+        curvature       FLOAT[],          -- d x d, row-major; NULL: the empirical Fisher is used
         PRIMARY KEY (experiment, checkpoint_step)
     );
     CREATE TABLE step_learning_rates (

@@ -41,14 +41,27 @@ def test_shape_mismatch_is_an_error():
         metrics.final_step_spearman(np.zeros((2, 3, 1)), np.zeros((2, 3, 1)), "steps")
 
 
-def test_bootstrap_interval_brackets_the_estimate_and_is_seeded():
+@pytest.mark.parametrize("noise", [0.1, 0.5, 2.0])
+def test_intervals_bracket_the_estimate_and_are_seeded(noise):
     rng = np.random.default_rng(1)
-    true = rng.normal(size=(20, 5, 8))
-    pred = true + rng.normal(scale=0.5, size=true.shape)
-    for metric in metrics.METRICS.values():
-        low, high = metrics.bootstrap_ci(metric, pred, true, n_boot=300, seed=3)
-        assert low <= metric(pred, true) <= high
-        assert (low, high) == metrics.bootstrap_ci(metric, pred, true, n_boot=300, seed=3)
+    true = rng.normal(size=(16, 5, 40))
+    pred = true + rng.normal(scale=noise, size=true.shape)
+    for name, metric in metrics.METRICS.items():
+        low, high = metrics.confidence_interval(name, pred, true, n_boot=300, seed=3)
+        assert low <= metric(pred, true) <= high, name
+        assert (low, high) == metrics.confidence_interval(name, pred, true, n_boot=300, seed=3)
+
+
+def test_jackknife_matches_its_formula():
+    rng = np.random.default_rng(2)
+    true = rng.normal(size=(6, 2, 3))
+    pred = true + rng.normal(size=true.shape)
+    metric = metrics.METRICS["spearman_across_runs"]
+    loo = np.array([metric(np.delete(pred, r, 0), np.delete(true, r, 0)) for r in range(6)])
+    se = np.sqrt(5 / 6 * ((loo - loo.mean()) ** 2).sum())
+    low, high = metrics.jackknife_ci(metric, pred, true)
+    point = metric(pred, true)
+    assert low == pytest.approx(max(-1, point - 1.959964 * se)) and high == pytest.approx(min(1, point + 1.959964 * se))
 
 
 def test_score_is_a_tidy_table():

@@ -279,3 +279,29 @@ def test_the_science_imports_neither_duckdb_nor_prefect():
     code = "import sys, simfluence, simfluence.cli; print('duckdb' in sys.modules or 'prefect' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("with_curvature", [False, True])
+def test_gradient_inputs_round_trip(wh, with_curvature):
+    from storage.experiments import load_gradients, store_gradients
+
+    rng = np.random.default_rng(0)
+    curvatures = rng.normal(size=(2, 4, 4)).astype(np.float32) if with_curvature else None
+    grads = sf.GradientCheckpoints(np.array([0, 5]), np.linspace(1e-3, 1e-4, 6),
+                                   rng.normal(size=(2, 20, 4)).astype(np.float32),
+                                   rng.normal(size=(2, 5, 4)).astype(np.float32), batch_size=2, curvatures=curvatures)
+    store_gradients(wh, "exp", grads)
+    store_gradients(wh, "exp", grads)  # replaces, never duplicates
+    back = load_gradients(wh, "exp")
+    np.testing.assert_array_equal(back.train_grads, grads.train_grads)
+    np.testing.assert_array_equal(back.test_grads, grads.test_grads)
+    np.testing.assert_array_equal(back.steps, grads.steps)
+    np.testing.assert_allclose(back.learning_rates, grads.learning_rates)
+    assert back.batch_size == 2
+    if with_curvature:
+        np.testing.assert_array_equal(back.curvatures, curvatures)
+    else:
+        assert back.curvatures is None
+    wrong = sf.GradientCheckpoints(np.array([0]), np.ones(6), np.ones((1, 3, 4)), np.ones((1, 5, 4)), batch_size=2)
+    with pytest.raises(WarehouseError, match="gradients are for n=3"):
+        store_gradients(wh, "exp", wrong)
