@@ -127,15 +127,19 @@ class Simulator(ABC):
 
     # ---- persistence ---------------------------------------------------------------------
 
-    @abstractmethod
     def hyperparameters(self) -> dict[str, Any]:
-        """JSON-serialisable constructor arguments and fitted scalars."""
+        """JSON-serialisable constructor arguments and fitted scalars (none by default)."""
+        return {}
 
-    @abstractmethod
+    @classmethod
+    def from_hyperparameters(cls, hp: dict[str, Any]) -> Simulator:
+        """An unfitted simulator from :meth:`hyperparameters`' output."""
+        return cls()
+
     def parameters(self) -> dict[str, np.ndarray]:
-        """The fitted arrays (names to arrays), as saved."""
+        """The fitted arrays (names to arrays), as saved (none by default)."""
+        return {}
 
-    @abstractmethod
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
         """Set the fitted arrays from :meth:`parameters`' output."""
 
@@ -204,19 +208,6 @@ class Constant(Simulator):
     def _coefficients(self, step_counts, step, dtype):
         return 1.0, 0.0
 
-    def hyperparameters(self) -> dict[str, Any]:
-        return {}
-
-    @classmethod
-    def from_hyperparameters(cls, hp: dict[str, Any]) -> Constant:
-        return cls()
-
-    def parameters(self) -> dict[str, np.ndarray]:
-        return {}
-
-    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
-        pass
-
 
 class MeanTrajectory(Simulator):
     """L_t = L_0 + (mean_t - mean_0): the fitting runs' mean curve, blind to the curriculum.
@@ -231,13 +222,6 @@ class MeanTrajectory(Simulator):
         if step >= len(self.step_change):
             return 1.0, 0.0
         return 1.0, self.step_change[step].astype(dtype)
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {}
-
-    @classmethod
-    def from_hyperparameters(cls, hp: dict[str, Any]) -> MeanTrajectory:
-        return cls()
 
     def parameters(self) -> dict[str, np.ndarray]:
         return {"step_change": self.step_change}
