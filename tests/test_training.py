@@ -1,0 +1,185 @@
+"""Training runs end to end on the tiny preset: real fine-tuning, real shards, real warehouse."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+import simfluence as sf
+from storage.experiments import load_gradients, load_runset
+from storage.warehouse import Warehouse
+from tasks.collect import collect, curriculum_for_run, train_run
+from tasks.config import ConfigError, PRESETS, _merge, from_dict, load_config, preset
+from tasks.data import DataError, load_examples
+from tasks.model import ModelError
+from tasks.training import Trainer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = preset("tiny")
+    return config, load_examples(config.data, config.model.task)
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny):
+    return Trainer(*tiny)
+
+
+def fresh_losses(trainer: Trainer) -> np.ndarray:
+    """The test losses by a separate code path: one forward pass over all test examples."""
+    data = trainer.test_data
+    trainer.model.eval()
+    with torch.no_grad():
+        logits = trainer.model(input_ids=data.input_ids, attention_mask=data.attention_mask).logits
+        return -torch.log_softmax(logits.double(), -1).gather(1, data.labels[:, None])[:, 0].numpy()
+
+
+def test_streamed_losses_match_a_separate_evaluation(tiny, trainer, tmp_path):
+    config, _ = tiny
+    wh = Warehouse(tmp_path / "warehouse.duckdb")
+    summary = collect(config, 2, wh, gradients=False)
+    assert summary.trained == [0, 1]
+    runs = load_runset(wh, config.name)
+    for r in range(2):
+        np.testing.assert_array_equal(runs.batches[r], curriculum_for_run(config, r))  # exactly the curriculum
+    trainer.reset()
+    np.testing.assert_allclose(runs.losses[0, 0], fresh_losses(trainer), rtol=1e-5)
+    outcome = trainer.run(curriculum_for_run(config, 1), seed=0)
+    np.testing.assert_allclose(runs.losses[1, -1], fresh_losses(trainer), rtol=1e-5)
+    np.testing.assert_allclose(runs.losses[1], outcome.losses, rtol=1e-6)
+    assert not np.allclose(runs.losses[1, -1], runs.losses[1, 0])  # it really trained
+
+
+def test_same_config_and_seed_give_the_same_losses(tiny, tmp_path):
+    config, _ = tiny
+    first, second = Warehouse(tmp_path / "a" / "w.duckdb"), Warehouse(tmp_path / "b" / "w.duckdb")
+    collect(config, 2, first, gradients=False)
+    collect(config, 2, second, gradients=False)
+    np.testing.assert_allclose(load_runset(first, "tiny").losses, load_runset(second, "tiny").losses, rtol=1e-6)
+
+
+def test_a_crashed_run_leaves_no_marker_and_collect_recovers(tiny, trainer, tmp_path):
+    config, examples = tiny
+    wh = Warehouse(tmp_path / "warehouse.duckdb")
+    collect(config, 1, wh, gradients=False)
+
+    def crash(step):
+        if step == 3:
+            raise KeyboardInterrupt  # the process dies mid-run
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(config, trainer, wh, 1, on_step=crash)
+    folder = wh.shard_root / "tiny" / "run-000001"
+    assert list(folder.glob("losses-*.parquet")) and not (folder / "marker.json").exists()
+    summary = collect(config, 2, wh, gradients=False)
+    assert summary.trained == [1] and summary.skipped == [0]
+    assert load_runset(wh, "tiny").n_runs == 2
+
+
+def test_a_diverging_run_is_marked_failed(tiny, tmp_path):
+    config = from_dict(_merge(PRESETS["tiny"], {"training": {"learning_rate": 1e30}}))
+    wh = Warehouse(tmp_path / "warehouse.duckdb")
+    summary = collect(config, 1, wh, gradients=False)
+    assert summary.failed and "non-finite" in summary.failed[0]
+    with wh.reader() as con:
+        assert con.execute("SELECT status FROM runs").fetchall() == [("failed",)]
+
+
+def test_gradient_checkpoints_feed_the_baselines(tiny, tmp_path):
+    config, _ = tiny
+    wh = Warehouse(tmp_path / "warehouse.duckdb")
+    collect(config, 3, wh)
+    grads = load_gradients(wh, "tiny")
+    assert grads.train_grads.shape == (2, 16, 32) and grads.test_grads.shape == (2, 8, 32)
+    assert grads.steps.tolist() == [0, 3] and grads.learning_rates.shape == (6,)
+    eigenvalues = np.linalg.eigvalsh(grads.curvatures[0].astype(np.float64))
+    assert eigenvalues.min() > -1e-6 * eigenvalues.max()  # a Gram matrix (float32 round-off aside)
+    runs = load_runset(wh, "tiny")
+    for simulator in (sf.TracInCP(grads, rescaled=True), sf.InfluenceFunction(grads, rescaled=True)):
+        pred = simulator.fit(runs).simulate(runs.batches, runs.initial_loss)
+        assert np.all(np.isfinite(pred))
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+def test_parameter_efficient_methods_train_only_their_parameters(tiny, method):
+    config = from_dict(_merge(PRESETS["tiny"], {"training": {"method": method}}))
+    trainer = Trainer(config, tiny[1])
+    total = sum(p.numel() for p in trainer.model.parameters())
+    assert 0 < trainer.n_trainable < total / 5
+    outcome = trainer.run(curriculum_for_run(config, 0), seed=0)
+    assert outcome.status == "complete" and not np.allclose(outcome.losses[-1], outcome.losses[0])
+
+
+def test_causal_lm_on_a_prompt_target_file(tmp_path):
+    rows = [{"question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(20)]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    config = from_dict(_merge(PRESETS["tiny"], {
+        "model": {"task": "causal_lm", "max_length": 16},
+        "data": {"source": str(path), "prompt_column": "question", "target_column": "answer", "n_train": 12, "n_test": 6},
+    }))
+    trainer = Trainer(config, load_examples(config.data, "causal_lm"))
+    outcome = trainer.run(curriculum_for_run(config, 0), seed=0)
+    assert outcome.status == "complete" and outcome.losses.shape == (7, 6)
+    assert np.all(outcome.losses[0] > 5)  # per-token nats of an untrained model over a 30k vocabulary
+
+
+def _file(tmp_path, name, frame):
+    path = tmp_path / name
+    frame.write_ndjson(path) if name.endswith(".jsonl") else frame.write_csv(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda t: _file(t, "a.jsonl", pl.DataFrame({"body": ["x"] * 30, "label": ["a", "b"] * 15})), "missing column 'text'"),
+    (lambda t: _file(t, "b.csv", pl.DataFrame({"text": [], "label": []}, schema={"text": pl.Utf8, "label": pl.Utf8})),
+     "no rows"),
+    (lambda t: _file(t, "c.jsonl", pl.DataFrame({"text": ["x"] * 30, "label": ["a", "b", "zebra"] * 10})),
+     "unknown label 'zebra'"),
+    (lambda t: str(t / "missing.jsonl"), "does not exist"),
+])
+def test_bad_datasets_fail_clearly_and_write_nothing(tmp_path, make, message):
+    source = make(tmp_path)
+    config = from_dict(_merge(PRESETS["tiny"], {"data": {"source": source, "labels": ["a", "b"], "n_train": 8, "n_test": 4}}))
+    wh = Warehouse(tmp_path / "home" / "warehouse.duckdb")
+    with pytest.raises(DataError, match=message):
+        collect(config, 1, wh)
+    assert not wh.path.exists() and not wh.shard_root.exists()
+
+
+def test_unknown_model_path_fails_clearly_and_writes_nothing(tmp_path):
+    config = from_dict(_merge(PRESETS["tiny"], {"model": {"source": str(tmp_path / "no-such-model")}}))
+    wh = Warehouse(tmp_path / "home" / "warehouse.duckdb")
+    with pytest.raises(ModelError, match="no-such-model does not exist"):
+        collect(config, 1, wh)
+    assert not wh.path.exists()
+
+
+def test_config_files_are_validated(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: tiny\ntraining:\n  batch_size: 32\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: training.batch_size 32 is larger than the training set"):
+        load_config(path)
+    path.write_text("preset: tiny\ntraining:\n  learning_rate: fast\n")
+    with pytest.raises(ConfigError, match="training.learning_rate must be float"):
+        load_config(path)
+    path.write_text("preset: tiny\nmodel:\n  sauce: x\n")
+    with pytest.raises(ConfigError, match="unknown field model.sauce"):
+        load_config(path)
+    path.write_text("preset: tiny\ncurriculum:\n  kind: subset_epochs\n  subset_size: 8\n  epochs: 2\n")
+    assert load_config(path).steps == 4
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset("huge")
+
+
+def test_explicit_curricula_from_a_file(tmp_path):
+    path = tmp_path / "curricula.json"
+    path.write_text(json.dumps([[[0, 1], [2, 3]], [[4, 5], [6, 7]]]))
+    config = from_dict(_merge(PRESETS["tiny"], {"training": {"batch_size": 2, "steps": 2}, "gradients": {"checkpoint_steps": [0]},
+                                                 "curriculum": {"kind": "explicit", "path": str(path)}}))
+    assert curriculum_for_run(config, 1).tolist() == [[4, 5], [6, 7]]
+    with pytest.raises(sf.curricula.CurriculumError, match="holds 2 curricula; run 2 has none"):
+        collect(config, 3, Warehouse(tmp_path / "w.duckdb"))
