@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/fit_bench.py
 	$(BIN)/python bench/ingest_bench.py
+	$(BIN)/python bench/collect_bench.py
 
 clean:
 	rm -rf $(VENV) simfluence-data .pytest_cache

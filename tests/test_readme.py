@@ -1,4 +1,4 @@
-"""Every SQL example in the README runs against a real warehouse and returns rows."""
+"""The README's examples work: every SQL query returns rows, the Python API example and the config example run."""
 
 import re
 from pathlib import Path
@@ -59,3 +59,12 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(example, "README.md", "exec"), {})
     assert (tmp_path / "my-simulator" / "parameters.safetensors").exists()
+
+
+def test_readme_config_example_is_valid(tmp_path):
+    from tasks.config import load_config
+
+    example = re.search(r"```yaml\n(.*?)```", README.read_text(), flags=re.S).group(1)
+    (tmp_path / "c.yaml").write_text(example)
+    config = load_config(tmp_path / "c.yaml")
+    assert config.name == "support-tickets" and config.data.labels == ["billing", "bug", "other"]
