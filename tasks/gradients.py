@@ -18,7 +18,7 @@ import torch
 from simfluence.gradients import GradientCheckpoints
 from tasks.collect import curriculum_for_run, run_seed
 from tasks.config import ExperimentConfig
-from tasks.model import Encoded, per_example_loss
+from tasks.model import Encoded
 from tasks.training import Trainer
 
 
@@ -55,11 +55,11 @@ def projected_gradients(trainer: Trainer, data: Encoded, sketch: CountSketch, sa
         example = data.rows(torch.tensor([i], device=trainer.device))
         if sample_labels:
             with torch.no_grad():
-                logits = model(input_ids=example.input_ids, attention_mask=example.attention_mask).logits.float()
+                logits = trainer.logits(example).float()
             label = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator)[:, 0]
-            example = Encoded(example.input_ids, example.attention_mask, label.to(trainer.device))
+            example = example.with_labels(label.to(trainer.device))
         model.zero_grad(set_to_none=True)
-        per_example_loss(model, example, trainer.task)[0].backward()
+        trainer.loss(example)[0].backward()
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                           for p in trainer.parameters])
         out[i] = sketch(flat).numpy()

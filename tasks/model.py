@@ -119,17 +119,24 @@ def _set_up_training(model: torch.nn.Module, config: ExperimentConfig) -> torch.
 @dataclass
 class Encoded:
     """Tokenised examples on a device: ``input_ids``, ``attention_mask`` ``[k, L]``; ``labels``:
-    ``[k]`` class ids (classification) or ``[k, L]`` token targets with -100 elsewhere (causal LM)."""
+    ``[k]`` class ids (classification) or ``[k, L]`` token targets with -100 elsewhere (causal LM);
+    ``prefix``: ``[k, L, H]`` cached output of the frozen lower layers (see :class:`FrozenPrefix`)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    prefix: torch.Tensor | None = None
 
     def rows(self, index: torch.Tensor) -> Encoded:
-        return Encoded(self.input_ids[index], self.attention_mask[index], self.labels[index])
+        prefix = None if self.prefix is None else self.prefix[index]
+        return Encoded(self.input_ids[index], self.attention_mask[index], self.labels[index], prefix)
+
+    def with_labels(self, labels: torch.Tensor) -> Encoded:
+        return Encoded(self.input_ids, self.attention_mask, labels, self.prefix)
 
     def to(self, device: torch.device) -> Encoded:
-        return Encoded(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        prefix = None if self.prefix is None else self.prefix.to(device)
+        return Encoded(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), prefix)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -158,9 +165,9 @@ def encode(frame: pl.DataFrame, tokenizer, task: str, max_length: int, labels: l
     return Encoded(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(targets))
 
 
-def per_example_loss(model: torch.nn.Module, batch: Encoded, task: str) -> torch.Tensor:
-    """``float[k]`` loss of each example (nats; per target token for causal LM)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+def per_example_loss(logits: torch.Tensor, batch: Encoded, task: str) -> torch.Tensor:
+    """``float[k]`` loss of each example from the model's logits (nats; per target token for
+    causal LM)."""
     if task == "classification":
         return torch.nn.functional.cross_entropy(logits.float(), batch.labels, reduction="none")
     logits = logits[:, -batch.labels.shape[1]:]  # prompt tuning prepends virtual tokens
@@ -169,3 +176,94 @@ def per_example_loss(model: torch.nn.Module, batch: Encoded, task: str) -> torch
     token = torch.nn.functional.cross_entropy(shifted.transpose(1, 2), targets, reduction="none", ignore_index=-100)
     counts = (targets != -100).sum(dim=1).clamp(min=1)
     return token.sum(dim=1) / counts
+
+
+class _CachedOutput(torch.nn.Module):
+    """Stands in for the embedding module: returns the cached prefix output of the current rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: torch.Tensor | None = None
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        if self.values is None:
+            raise RuntimeError("the frozen-prefix cache was not given the rows of this batch")
+        return self.values
+
+
+class _Zeros(torch.nn.Module):
+    """Stands in for GPT-2's position embeddings (their sum is in the cache)."""
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float32, device=position_ids.device)
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for a frozen layer whose output is in the cache."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+class FrozenPrefix:
+    """Computes the output of the frozen embeddings and lower layers once, and skips them after.
+
+    Supported: BERT-style encoders (``<base>.embeddings`` + ``<base>.encoder.layer``) and GPT-2
+    (``transformer.wte``/``wpe`` + ``transformer.h``), fully fine-tuned with
+    ``freeze_embeddings`` or ``frozen_layers``. :meth:`install` returns None elsewhere. The cached
+    activations are exactly the ones the model would compute (dropout is off), so losses are
+    unchanged; every forward pass then starts at layer ``frozen_layers``.
+    """
+
+    def __init__(self, model: torch.nn.Module, base: torch.nn.Module, layers: torch.nn.ModuleList, k: int) -> None:
+        self.model, self.base, self.layers, self.k = model, base, layers, k
+        self.stub = _CachedOutput()
+
+    @classmethod
+    def install(cls, model: torch.nn.Module, config: ExperimentConfig) -> FrozenPrefix | None:
+        t = config.training
+        if t.method != "full" or not (t.freeze_embeddings or t.frozen_layers) or t.dropout:
+            return None
+        for base in (getattr(model, "bert", None), getattr(model, "transformer", None)):
+            if base is None:
+                continue
+            layers = getattr(getattr(base, "encoder", None), "layer", None) or getattr(base, "h", None)
+            if isinstance(layers, torch.nn.ModuleList) and t.frozen_layers < len(layers):
+                return cls(model, base, layers, t.frozen_layers)
+        return None
+
+    @torch.no_grad()
+    def compute(self, data: Encoded, batch_size: int) -> torch.Tensor:
+        """``[k, L, H]`` input of the first trainable layer for every example (before the swap)."""
+        captured: list[torch.Tensor] = []
+        target = self.layers[self.k] if self.k < len(self.layers) else None
+
+        def grab(module, args, kwargs):
+            captured.append((args[0] if args else kwargs["hidden_states"]).detach())
+            raise _Stop
+
+        handle = target.register_forward_pre_hook(grab, with_kwargs=True)
+        self.model.eval()
+        try:
+            for start in range(0, len(data), batch_size):
+                rows = data.rows(torch.arange(start, min(start + batch_size, len(data))))
+                try:
+                    self.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        return torch.cat(captured)
+
+    def swap(self) -> None:
+        """Replace the frozen modules by the cache stub and pass-throughs (call after compute)."""
+        if hasattr(self.base, "embeddings"):
+            self.base.embeddings = self.stub
+        else:
+            self.base.wte, self.base.wpe = self.stub, _Zeros()
+        for i in range(self.k):
+            self.layers[i] = _PassThrough()
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the cached activation is captured."""

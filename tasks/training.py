@@ -20,7 +20,7 @@ import torch
 from storage.shards import LossShardWriter
 from tasks.config import ExperimentConfig
 from tasks.data import Examples
-from tasks.model import Encoded, encode, load_model, per_example_loss, resolve_device
+from tasks.model import Encoded, FrozenPrefix, encode, load_model, per_example_loss, resolve_device
 
 
 @dataclass
@@ -50,7 +50,8 @@ class RunOutcome:
 class Trainer:
     """Fine-tunes one configured model on curricula over one set of examples."""
 
-    def __init__(self, config: ExperimentConfig, examples: Examples) -> None:
+    def __init__(self, config: ExperimentConfig, examples: Examples, cache_frozen: bool = True) -> None:
+        """``cache_frozen``: compute frozen embeddings and lower layers once (see FrozenPrefix)."""
         torch.set_num_threads(config.threads or os.cpu_count() or 1)
         self.config = config
         self.task = config.model.task
@@ -61,6 +62,12 @@ class Trainer:
         args = (self.tokenizer, self.task, config.model.max_length, examples.labels)
         self.train_data: Encoded = encode(examples.train, *args).to(self.device)
         self.test_data: Encoded = encode(examples.test, *args).to(self.device)
+        self.prefix = FrozenPrefix.install(self.model, config) if cache_frozen else None
+        if self.prefix is not None:
+            size = config.training.eval_batch_size
+            self.train_data.prefix = self.prefix.compute(self.train_data, size)
+            self.test_data.prefix = self.prefix.compute(self.test_data, size)
+            self.prefix.swap()
         self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         if not self.parameters:
@@ -75,16 +82,23 @@ class Trainer:
         """Back to the initial weights."""
         self.model.load_state_dict(self.initial_state)
 
-    def _loss(self, batch: Encoded) -> torch.Tensor:
+    def logits(self, batch: Encoded) -> torch.Tensor:
+        """The model's logits for a batch (from the cached prefix when there is one)."""
+        if self.prefix is not None:
+            self.prefix.stub.values = batch.prefix
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return per_example_loss(self.model, batch, self.task)
+            return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+    def loss(self, batch: Encoded) -> torch.Tensor:
+        """``float[k]`` per-example loss of a batch under the current weights."""
+        return per_example_loss(self.logits(batch), batch, self.task)
 
     @torch.no_grad()
     def evaluate(self) -> np.ndarray:
         """``float64[m]`` loss of every test example under the current weights."""
         self.model.eval()
         size = self.config.training.eval_batch_size
-        parts = [self._loss(self.test_data.rows(torch.arange(s, min(s + size, len(self.test_data)))))
+        parts = [self.loss(self.test_data.rows(torch.arange(s, min(s + size, len(self.test_data)))))
                  for s in range(0, len(self.test_data), size)]
         return torch.cat(parts).double().cpu().numpy()
 
@@ -137,7 +151,7 @@ class Trainer:
             self.model.train(t.dropout)
             for group in optimiser.param_groups:
                 group["lr"] = rates[step - 1]
-            loss = self._loss(batch).mean()
+            loss = self.loss(batch).mean()
             if not torch.isfinite(loss):
                 failure = f"training loss became non-finite at update {step}"
                 break

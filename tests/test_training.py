@@ -183,3 +183,16 @@ def test_explicit_curricula_from_a_file(tmp_path):
     assert curriculum_for_run(config, 1).tolist() == [[4, 5], [6, 7]]
     with pytest.raises(sf.curricula.CurriculumError, match="holds 2 curricula; run 2 has none"):
         collect(config, 3, Warehouse(tmp_path / "w.duckdb"))
+
+
+@pytest.mark.parametrize("overrides", [
+    {"training": {"frozen_layers": 1}},                                        # tiny GPT-2
+    {"model": {"source": "embedded", "num_layers": 2}, "training": {"freeze_embeddings": True}},
+    {"model": {"source": "embedded", "num_layers": 2}, "training": {"frozen_layers": 1}},
+])
+def test_frozen_prefix_cache_gives_the_same_losses(tiny, overrides):
+    config = from_dict(_merge(PRESETS["tiny"], overrides))
+    cached, plain = Trainer(config, tiny[1]), Trainer(config, tiny[1], cache_frozen=False)
+    assert cached.prefix is not None and plain.prefix is None
+    curriculum = curriculum_for_run(config, 0)
+    np.testing.assert_allclose(cached.run(curriculum, 0).losses, plain.run(curriculum, 0).losses, rtol=1e-5, atol=1e-6)
