@@ -249,6 +249,7 @@ class SimfluenceLinear(Simulator):
         per_test_l2: choose the penalty per test example instead of one global value.
         solver: ``auto``, ``direct`` or ``cg`` (see :mod:`simfluence.solvers`).
         seed: seed of the cross-validation folds.
+        threads: solver threads (None: every core; 1 inside a Dask worker).
 
     Cross-validation scores every candidate by the simulated all-steps MSE on the held-out
     fold (the metric the simulator is judged by), fitting along the penalty grid from large
@@ -272,6 +273,7 @@ class SimfluenceLinear(Simulator):
         per_test_l2: bool = False,
         solver: SolverName = "auto",
         seed: int = 0,
+        threads: int | None = None,
     ) -> None:
         if parametrization not in ("residual", "paper"):
             raise SimulatorError(f"parametrization must be 'residual' or 'paper', got {parametrization!r}")
@@ -292,6 +294,7 @@ class SimfluenceLinear(Simulator):
         self.per_test_l2 = per_test_l2
         self.solver = solver
         self.seed = seed
+        self.threads = threads
         self.cv_scores: dict[str, list[float]] = {}
 
     @property
@@ -302,13 +305,8 @@ class SimfluenceLinear(Simulator):
     def _fit(self, runs: RunSet) -> None:
         intercept, penalty = self.intercept, self.l2
         if intercept == "cv" or penalty == "cv":
-            intercept, penalty = self._cross_validate(runs)
-        self.fitted_intercept: Intercept = intercept
-        self.fitted_l2 = np.broadcast_to(np.asarray(penalty, dtype=np.float64), (runs.n_tests,)).copy()
-        l2_b = self.fitted_l2 if self.l2_b is None else self.l2_b
-        problem = TransitionProblem.from_runs(runs, self.base, intercept)
-        self._set_solution(solve_ridge(problem, self.fitted_l2, l2_b, use_a=self.use_a, use_b=self.use_b,
-                                       solver=self.solver))
+            intercept, penalty = self.choose(self.cross_validation_errors(runs))
+        self.fit_with(runs, intercept, penalty)
 
     @classmethod
     def from_parameters(
@@ -347,10 +345,20 @@ class SimfluenceLinear(Simulator):
         self.beta0 = solution.beta0 if solution.beta0 is not None else np.zeros((1, m))
         self._table_cache: dict[Any, np.ndarray] = {}
 
-    def _cross_validate(self, runs: RunSet) -> tuple[Intercept, float | np.ndarray]:
+    def candidates(self) -> tuple[list[Intercept], list[float]]:
+        """The intercepts and penalties cross-validation chooses among (penalties large to small)."""
         intercepts: list[Intercept] = ["none", "constant", "step"] if self.intercept == "cv" else [self.intercept]
         grid = sorted(self.l2_grid, reverse=True) if self.l2 == "cv" else [float(self.l2)]
+        return intercepts, grid
+
+    def cross_validation_errors(self, runs: RunSet) -> np.ndarray:
+        """``float64[I, G, m]``: the all-steps MSE of each test example on the validation folds
+        for each candidate intercept and penalty (see :meth:`candidates`). Test examples are
+        independent, so shards of test examples can be scored separately and concatenated."""
+        intercepts, grid = self.candidates()
         errors = np.zeros((len(intercepts), len(grid), runs.n_tests))
+        probe = type(self)(**{k: v for k, v in self.hyperparameters().items() if k in _LINEAR_ARGS})
+        probe.n_train, probe.test_ids = runs.n_train, runs.test_ids
         for fit_index, val_index in runs.run_folds(self.cv_folds, self.seed):
             fitting, validation = runs.select_runs(fit_index), runs.select_runs(val_index)
             for a, intercept in enumerate(intercepts):
@@ -359,21 +367,51 @@ class SimfluenceLinear(Simulator):
                 for g, l2 in enumerate(grid):
                     l2_b = l2 if self.l2_b is None else self.l2_b
                     warm = solve_ridge(problem, l2, l2_b, use_a=self.use_a, use_b=self.use_b,
-                                       solver=self.solver, warm_start=warm)
-                    self.n_train, self.test_ids = runs.n_train, runs.test_ids
-                    self._set_solution(warm)
-                    pred = self.simulate(validation.batches, validation.initial_loss)
+                                       solver=self.solver, warm_start=warm, threads=self.threads)
+                    probe._set_solution(warm)
+                    pred = probe.simulate(validation.batches, validation.initial_loss)
                     errors[a, g] += ((pred[:, 1:] - validation.losses[:, 1:]) ** 2).sum(axis=(0, 1))
-        errors /= runs.n_runs * runs.n_steps
+        return errors / (runs.n_runs * runs.n_steps)
+
+    def choose(self, errors: np.ndarray) -> tuple[Intercept, float | np.ndarray]:
+        """The intercept and penalty (or per-test penalties) with the least validation error;
+        records ``cv_scores`` (mean over test examples per candidate)."""
+        intercepts, grid = self.candidates()
         mean_errors = errors.mean(axis=2)
-        self.cv_scores = {
-            intercept: [float(v) for v in mean_errors[a]] for a, intercept in enumerate(intercepts)
-        }
-        self.cv_grid = grid
+        self.cv_scores = {intercept: [float(v) for v in mean_errors[a]] for a, intercept in enumerate(intercepts)}
         a, g = np.unravel_index(np.argmin(mean_errors), mean_errors.shape)
         if self.per_test_l2 and self.l2 == "cv":
             return intercepts[a], np.asarray(grid)[np.argmin(errors[a], axis=0)]
         return intercepts[a], grid[g]
+
+    def fit_with(self, runs: RunSet, intercept: Intercept, l2: float | np.ndarray) -> SimfluenceLinear:
+        """Fit with a given intercept and penalty (skipping cross-validation); returns self."""
+        self.n_train, self.test_ids = runs.n_train, runs.test_ids.copy()
+        self.fitted_intercept = intercept
+        self.fitted_l2 = np.broadcast_to(np.asarray(l2, dtype=np.float64), (runs.n_tests,)).copy()
+        l2_b = self.fitted_l2 if self.l2_b is None else self.l2_b
+        problem = TransitionProblem.from_runs(runs, self.base, intercept)
+        self._set_solution(solve_ridge(problem, self.fitted_l2, l2_b, use_a=self.use_a, use_b=self.use_b,
+                                       solver=self.solver, threads=self.threads))
+        return self
+
+    @classmethod
+    def concatenate(cls, parts: list[SimfluenceLinear]) -> SimfluenceLinear:
+        """One simulator from simulators fitted on disjoint shards of test examples (same runs,
+        same hyperparameters), in order."""
+        first = parts[0]
+        if any(type(p) is not type(first) or p.n_train != first.n_train or p.fitted_intercept != first.fitted_intercept
+               for p in parts):
+            raise SimulatorError("only shards of one simulator (same class, runs and intercept) can be joined")
+        whole = cls.from_hyperparameters(first.hyperparameters())
+        whole.n_train = first.n_train
+        whole.test_ids = np.concatenate([p.test_ids for p in parts])
+        whole.fitted_intercept = first.fitted_intercept
+        whole.fitted_l2 = np.concatenate([p.fitted_l2 for p in parts])
+        whole.cv_scores = first.cv_scores
+        joined = {k: np.concatenate([p.parameters()[k] for p in parts], axis=-1) for k in ("A", "B", "alpha0", "beta0")}
+        whole._set_solution(RidgeSolution(joined["A"], joined["B"], joined["alpha0"], joined["beta0"], 0, "joined"))
+        return whole
 
     def _tables(self, dtype: type) -> np.ndarray:
         """``[n, 2m]`` = [A | B] in ``dtype``, cached."""
@@ -393,7 +431,7 @@ class SimfluenceLinear(Simulator):
         return alpha, beta
 
     def hyperparameters(self) -> dict[str, Any]:
-        hp = {
+        hp: dict[str, Any] = {
             "parametrization": self.parametrization,
             "intercept": self.intercept,
             "l2": self.l2,
@@ -403,6 +441,7 @@ class SimfluenceLinear(Simulator):
             "per_test_l2": self.per_test_l2,
             "solver": self.solver,
             "seed": self.seed,
+            "threads": self.threads,
         }
         if hasattr(self, "fitted_intercept"):
             hp["fitted_intercept"] = self.fitted_intercept
@@ -411,8 +450,7 @@ class SimfluenceLinear(Simulator):
 
     @classmethod
     def from_hyperparameters(cls, hp: dict[str, Any]) -> SimfluenceLinear:
-        keys = ("parametrization", "intercept", "l2", "l2_b", "l2_grid", "cv_folds", "per_test_l2", "solver", "seed")
-        simulator = cls(**{k: hp[k] for k in keys})
+        simulator = cls(**{k: hp[k] for k in _LINEAR_ARGS if k in hp})
         simulator.fitted_intercept = hp.get("fitted_intercept", hp["intercept"])
         simulator.cv_scores = hp.get("cv_scores", {})
         return simulator
@@ -425,6 +463,10 @@ class SimfluenceLinear(Simulator):
         self.alpha0, self.beta0 = arrays["alpha0"], arrays["beta0"]
         self.fitted_l2 = arrays["l2"]
         self._table_cache = {}
+
+
+_LINEAR_ARGS = ("parametrization", "intercept", "l2", "l2_b", "l2_grid", "cv_folds", "per_test_l2", "solver", "seed",
+                "threads")
 
 
 class SimfluenceAdditive(SimfluenceLinear):

@@ -188,3 +188,19 @@ def test_gradient_checkpoints_validate_and_round_trip(tmp_path):
     other = sf.RunSet(runs.batches, runs.losses[:, :, :2], n_train=runs.n_train)
     with pytest.raises(ValueError, match="m=4 test examples"):
         sf.TracInCP(grads).fit(other)
+
+
+def test_sharded_fit_equals_the_whole_fit(redundancy):
+    fitting, heldout = redundancy
+    whole = sf.SimfluenceLinear(intercept="cv", l2_grid=(1e-3, 1e-1, 10.0), cv_folds=3).fit(fitting)
+    shards = [np.arange(0, 12), np.arange(12, 30)]
+    chooser = sf.SimfluenceLinear(intercept="cv", l2_grid=(1e-3, 1e-1, 10.0), cv_folds=3)
+    errors = np.concatenate([chooser.cross_validation_errors(fitting.select_tests(s)) for s in shards], axis=2)
+    intercept, l2 = chooser.choose(errors)
+    assert (intercept, l2) == (whole.fitted_intercept, whole.fitted_l2[0])
+    parts = [sf.SimfluenceLinear(intercept="cv", l2_grid=(1e-3, 1e-1, 10.0), cv_folds=3, threads=1)
+             .fit_with(fitting.select_tests(s), intercept, l2) for s in shards]
+    joined = sf.SimfluenceLinear.concatenate(parts)
+    np.testing.assert_allclose(joined.simulate(heldout.batches, heldout.initial_loss),
+                               whole.simulate(heldout.batches, heldout.initial_loss), rtol=1e-6, atol=1e-9)
+    assert joined.test_ids.tolist() == list(range(30))
