@@ -75,8 +75,12 @@ def publish(
     config_hash: str,
     metrics: dict[str, float] | None = None,
     aliases: tuple[str, ...] = ("latest",),
+    name: str | None = None,
 ) -> BundleInfo:
-    """Save a fitted simulator as a bundle, index it, and point ``aliases`` at it. Idempotent."""
+    """Save a fitted simulator as a bundle, index it, and point ``aliases`` at it. Idempotent.
+
+    ``name``: what the leaderboard calls it (e.g. ``tracin_cp_rescaled``; default the class's method).
+    """
     check_name(experiment, "experiment name")
     for alias in aliases:
         check_name(alias, "alias")
@@ -88,6 +92,7 @@ def publish(
         files = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
         content = {
             "experiment": experiment,
+            "name": name or simulator.method,
             "method": simulator.method,
             "hyperparameters": simulator.hyperparameters(),
             "fit_run_ids": sorted(int(r) for r in fit_run_ids),
@@ -114,7 +119,7 @@ def publish(
             "INSERT INTO simulators (experiment, version, method, path, fit_run_ids, heldout_run_ids, "
             "hyperparameters, data_hash, config_hash, code_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT DO NOTHING",
-            [experiment, version, manifest["method"], f"{experiment}/{version}", manifest["fit_run_ids"],
+            [experiment, version, manifest["name"], f"{experiment}/{version}", manifest["fit_run_ids"],
              manifest["heldout_run_ids"], json.dumps(manifest["hyperparameters"], sort_keys=True), data_hash,
              config_hash, manifest["code_version"]],
         )
@@ -163,7 +168,7 @@ def verify(path: Path) -> dict[str, Any]:
     if not manifest_path.is_file():
         raise RegistryError(f"{path}: no {MANIFEST}; not a registry bundle")
     manifest = json.loads(manifest_path.read_text())
-    content = {k: manifest[k] for k in ("experiment", "method", "hyperparameters", "fit_run_ids",
+    content = {k: manifest[k] for k in ("experiment", "name", "method", "hyperparameters", "fit_run_ids",
                                         "heldout_run_ids", "data_hash", "config_hash", "files")}
     if hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16] != manifest["version"]:
         raise RegistryError(f"{manifest_path}: manifest does not hash to its version {manifest['version']}")
@@ -198,7 +203,7 @@ def compare(warehouse: Warehouse, experiment: str, refs: list[str]) -> list[dict
     for ref in refs:
         info = resolve(warehouse, experiment, ref)
         m = info.manifest
-        out.append({"ref": ref, "version": info.version, "method": m["method"],
+        out.append({"ref": ref, "version": info.version, "name": m["name"], "method": m["method"],
                     "hyperparameters": m["hyperparameters"], "n_fit_runs": len(m["fit_run_ids"]),
                     "n_heldout_runs": len(m["heldout_run_ids"]), "metrics": m["metrics"]})
     return out

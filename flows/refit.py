@@ -1,0 +1,60 @@
+"""refit: scheduled re-fitting that acts only when new complete runs exist.
+
+It fits and evaluates every method when complete runs were added since the ``latest`` version
+was fitted (``latest`` moves with the fit), and moves ``best`` to the new Simfluence-Linear
+version only when its held-out MSE beats the current ``best`` on the same held-out runs.
+Otherwise it is a no-op that says so.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from flows.common import warehouse as open_warehouse
+from flows.evaluate import evaluate_simulators
+from flows.fit import fit_simulators
+from storage import registry
+from tasks.collect import complete_runs
+from tasks.evaluate import evaluate
+from tasks.fit import PRIMARY
+
+
+@flow(name="refit", log_prints=True)
+def refit(experiment: str = "demo", methods: list[str] | None = None, heldout_every: int = 5,
+          dask_address: str | None = None, n_boot: int = 1000, warehouse: str | None = None) -> dict:
+    logger = get_run_logger()
+    wh = open_warehouse(warehouse)
+    complete = complete_runs(wh, experiment)
+    try:
+        latest = registry.resolve(wh, experiment, "latest")
+        seen = set(latest.manifest["fit_run_ids"]) | set(latest.manifest["heldout_run_ids"])
+    except registry.RegistryError:
+        latest, seen = None, set()
+    if latest is not None and complete <= seen:
+        logger.info(f"no new complete runs since version {latest.version} ({len(complete)} runs); nothing to refit")
+        return {"refit": False, "latest": latest.version, "best": _alias(wh, experiment, "best")}
+    logger.info(f"{len(complete - seen)} new complete runs; refitting")
+    published = fit_simulators(experiment, methods, heldout_every, dask_address, warehouse=warehouse)
+    evaluation = evaluate_simulators(experiment, [f"latest-{p['method'].replace('_', '-')}" for p in published],
+                                     n_boot, warehouse)
+    new = next(p["version"] for p in published if p["method"] == PRIMARY)
+    new_mse = next(s["value"] for s in evaluation["scores"] if s["version"] == new and s["metric"] == "all_steps_mse")
+    best = _alias(wh, experiment, "best")
+    moved = best is None
+    if best is not None and best != new:
+        held = registry.resolve(wh, experiment, new).manifest["heldout_run_ids"]
+        best_scores = evaluate(wh, experiment, [best], n_boot=n_boot, heldout_run_ids=held)
+        best_mse = best_scores.filter(best_scores["metric"] == "all_steps_mse")["value"][0]
+        moved = new_mse < best_mse
+        logger.info(f"held-out MSE on the same runs: new {new_mse:.4g}, best {best_mse:.4g}")
+    if moved:
+        registry.set_alias(wh, experiment, "best", new)
+        logger.info(f"best -> {new}")
+    return {"refit": True, "latest": new, "best": new if moved else best, "moved_best": moved}
+
+
+def _alias(wh, experiment: str, alias: str) -> str | None:
+    try:
+        return registry.resolve(wh, experiment, alias).version
+    except registry.RegistryError:
+        return None

@@ -1,0 +1,144 @@
+"""Scoring published simulators on their held-out runs, with plots and a markdown report.
+
+Each version is scored on the held-out runs recorded in its manifest (never on runs it was
+fitted on) with the metrics of :mod:`simfluence.metrics` and their 95% intervals; the scores go
+to the ``evaluations`` table. Plots (PNG) and ``leaderboard.md`` are written to
+``<home>/reports/<experiment>/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+
+import simfluence as sf  # noqa: E402
+from storage import registry  # noqa: E402
+from storage.experiments import load_runset  # noqa: E402
+from storage.warehouse import Warehouse  # noqa: E402
+
+METRIC_LABELS = {
+    "all_steps_mse": "all-steps MSE (lower is better)",
+    "spearman_across_runs": "final-step Spearman across runs (higher is better)",
+}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    scores: pl.DataFrame          # method, version, metric, value, ci_low, ci_high
+    report_dir: Path
+    files: list[Path]
+
+
+def method_aliases(warehouse: Warehouse, experiment: str) -> list[str]:
+    """The ``latest-<method>`` aliases of an experiment: the newest version of every method."""
+    with warehouse.reader() as con:
+        rows = con.execute("SELECT alias FROM aliases WHERE experiment = ? AND alias LIKE 'latest-%' ORDER BY alias",
+                           [experiment]).fetchall()
+    return [r[0] for r in rows]
+
+
+def evaluate(warehouse: Warehouse, experiment: str, refs: list[str], n_boot: int = 1000,
+             heldout_run_ids: list[int] | None = None) -> pl.DataFrame:
+    """Score each version or alias on its own held-out runs (or on ``heldout_run_ids``, which
+    must not overlap its fitting runs) and record the scores."""
+    frames = []
+    for ref in refs:
+        simulator, info = registry.load(warehouse, experiment, ref)
+        held = heldout_run_ids if heldout_run_ids is not None else info.manifest["heldout_run_ids"]
+        overlap = set(held) & set(info.manifest["fit_run_ids"])
+        if overlap:
+            raise registry.RegistryError(f"version {info.version} was fitted on runs {sorted(overlap)[:5]}; "
+                                         f"it cannot be scored on them")
+        heldout = load_runset(warehouse, experiment, run_ids=held, test_ids=simulator.test_ids)
+        scores = sf.metrics.score({info.manifest["name"]: simulator}, heldout, n_boot=n_boot)
+        registry.record_evaluation(warehouse, experiment, info.version, scores.to_dicts(), held)
+        frames.append(scores.with_columns(pl.lit(info.version).alias("version")))
+    return pl.concat(frames).select("method", "version", "metric", "value", "ci_low", "ci_high")
+
+
+def plot_metrics(scores: pl.DataFrame, path: Path) -> Path:
+    """Bars of each method's all-steps MSE and across-runs Spearman with their intervals."""
+    fig, axes = plt.subplots(1, len(METRIC_LABELS), figsize=(13, 4.5))
+    for ax, (metric, label) in zip(axes, METRIC_LABELS.items()):
+        rows = scores.filter(pl.col("metric") == metric).sort("value", descending=metric.startswith("spearman"))
+        values = rows["value"].to_numpy()
+        low = np.nan_to_num(values - rows["ci_low"].to_numpy())
+        high = np.nan_to_num(rows["ci_high"].to_numpy() - values)
+        ax.barh(rows["method"].to_list(), values, xerr=[low, high], color="#4878a8", capsize=3)
+        ax.invert_yaxis()
+        ax.set_title(label, fontsize=10)
+        if metric == "all_steps_mse":
+            ax.set_xscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_trajectories(warehouse: Warehouse, experiment: str, refs: list[str], path: Path,
+                      n_runs: int = 2, n_tests: int = 3) -> Path:
+    """True vs simulated loss of a few test examples on a few held-out runs, for each version."""
+    simulators = [registry.load(warehouse, experiment, ref) for ref in refs]
+    held = simulators[0][1].manifest["heldout_run_ids"][:n_runs]
+    heldout = load_runset(warehouse, experiment, run_ids=held)
+    change = np.abs(heldout.losses[:, -1] - heldout.losses[:, 0]).mean(axis=0)
+    tests = np.argsort(change)[::-1][:n_tests]  # the test examples whose loss moved most
+    fig, axes = plt.subplots(len(held), n_tests, figsize=(4.2 * n_tests, 3.2 * len(held)), squeeze=False)
+    steps = np.arange(heldout.n_steps + 1)
+    predictions = {info.manifest["name"]: sim.simulate(heldout.batches, heldout.initial_loss) for sim, info in simulators}
+    for r in range(len(held)):
+        for c, j in enumerate(tests):
+            ax = axes[r][c]
+            ax.plot(steps, heldout.losses[r, :, j], color="black", lw=2, label="true")
+            for method, pred in predictions.items():
+                ax.plot(steps, pred[r, :, j], lw=1.2, label=method)
+            ax.set_title(f"run {held[r]}, test {heldout.test_ids[j]}", fontsize=9)
+            ax.set_xlabel("step")
+            ax.set_ylabel("loss (nats)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown_report(experiment: str, scores: pl.DataFrame, files: list[Path]) -> str:
+    """The leaderboard as a markdown table (value [95% interval] per metric), best MSE first."""
+    board = sf.metrics.leaderboard(scores.drop("version"))
+    versions = dict(zip(scores["method"], scores["version"]))
+    names = list(sf.metrics.METRICS)
+    lines = [f"# Simfluence leaderboard: {experiment}", "",
+             "Held-out runs only; 95% intervals over runs (bootstrap; jackknife for across-runs Spearman).", "",
+             "| method | version | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for method in board["method"]:
+        cells = []
+        for name in names:
+            row = scores.filter((pl.col("method") == method) & (pl.col("metric") == name)).row(0, named=True)
+            cells.append(f"{row['value']:.4g} [{row['ci_low']:.3g}, {row['ci_high']:.3g}]")
+        lines.append(f"| {method} | `{versions[method]}` | " + " | ".join(cells) + " |")
+    lines += ["", "Plots:"] + [f"- {f.name}: `{f}`" for f in files]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_and_report(warehouse: Warehouse, experiment: str, refs: list[str] | None = None,
+                        n_boot: int = 1000) -> Evaluation:
+    """Evaluate the versions (default: the newest of every method), plot, write the report."""
+    refs = refs or method_aliases(warehouse, experiment)
+    if not refs:
+        raise registry.RegistryError(f"experiment {experiment!r} has no published simulators; run the fit first")
+    scores = evaluate(warehouse, experiment, refs, n_boot=n_boot)
+    report_dir = warehouse.home / "reports" / experiment
+    report_dir.mkdir(parents=True, exist_ok=True)
+    shown = [ref for ref in refs if any(k in ref for k in ("simfluence-linear", "tracin-cp-rescaled", "mean-trajectory"))]
+    files = [plot_metrics(scores, report_dir / "metrics.png"),
+             plot_trajectories(warehouse, experiment, shown or refs[:3], report_dir / "trajectories.png")]
+    (report_dir / "leaderboard.md").write_text(markdown_report(experiment, scores, files))
+    return Evaluation(scores, report_dir, [report_dir / "leaderboard.md", *files])

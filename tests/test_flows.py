@@ -1,0 +1,89 @@
+"""The pipeline through real Prefect flows (test harness: a temporary server) on the tiny preset."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from storage import registry  # noqa: E402
+from storage.warehouse import Warehouse  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("simfluence-home")
+
+
+def test_collect_fit_evaluate_refit(home):
+    from flows.collect import collect_runs
+    from flows.evaluate import evaluate_simulators
+    from flows.fit import fit_simulators
+    from flows.refit import refit
+
+    warehouse = str(home / "warehouse.duckdb")
+    collected = collect_runs(preset="tiny", runs=10, warehouse=warehouse)
+    assert collected["complete"] == list(range(10)) and not collected["failed"]
+    again = collect_runs(preset="tiny", runs=10, warehouse=warehouse)
+    assert again["trained"] == []  # idempotent: nothing re-trained, nothing duplicated
+
+    published = fit_simulators(experiment="tiny", warehouse=warehouse)
+    methods = {p["method"] for p in published}
+    assert {"simfluence_linear", "tracin_cp", "influence_function_rescaled", "mean_trajectory"} <= methods
+    result = evaluate_simulators(experiment="tiny", n_boot=50, warehouse=warehouse)
+    assert {row["method"] for row in result["leaderboard"]} == methods
+    assert all(os.path.exists(f) for f in result["files"])
+    wh = Warehouse(warehouse)
+    with wh.reader() as con:
+        assert con.execute("SELECT count(DISTINCT method) FROM leaderboard WHERE experiment = 'tiny'").fetchall() == [
+            (len(methods),)]
+    latest = registry.resolve(wh, "tiny", "latest")
+    assert latest.manifest["heldout_run_ids"] == [4, 9]  # every fifth run id, stable across refits
+
+    first = refit(experiment="tiny", n_boot=50, warehouse=warehouse)
+    assert first["refit"] is False and first["latest"] == latest.version
+
+    collect_runs(preset="tiny", runs=15, warehouse=warehouse, gradients=False)
+    second = refit(experiment="tiny", methods=["simfluence_linear", "mean_trajectory"], n_boot=50, warehouse=warehouse)
+    assert second["refit"] is True and second["latest"] != latest.version
+    assert registry.resolve(wh, "tiny", "latest").version == second["latest"]
+    assert registry.resolve(wh, "tiny", "best").version == second["best"]
+    assert registry.resolve(wh, "tiny", "latest").manifest["heldout_run_ids"] == [4, 9, 14]
+    assert refit(experiment="tiny", n_boot=50, warehouse=warehouse)["refit"] is False
+
+
+def test_fit_on_a_dask_scheduler_address(home):
+    from distributed import LocalCluster
+
+    from flows.collect import collect_runs
+    from flows.fit import fit_simulators
+
+    warehouse = str(home / "dask" / "warehouse.duckdb")
+    collect_runs(preset="tiny", runs=10, warehouse=warehouse, gradients=False)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp",
+                      dashboard_address=None) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://")
+        published = fit_simulators(experiment="tiny", methods=["simfluence_linear"], shard_size=3,
+                                   dask_address=cluster.scheduler_address, warehouse=warehouse)
+    simulator, info = registry.load(Warehouse(warehouse), "tiny", published[0]["version"])
+    assert info.manifest["name"] == "simfluence_linear" and len(simulator.test_ids) == 8
+
+
+def test_bad_input_fails_the_flow_before_writing(home):
+    from flows.collect import collect_runs
+    from flows.fit import fit_simulators
+
+    with pytest.raises(ValueError, match="exactly one of preset and config_path"):
+        collect_runs(preset=None, runs=2, warehouse=str(home / "x" / "w.duckdb"))
+    assert not (home / "x").exists()
+    with pytest.raises(Exception, match="unknown experiment 'nope'"):
+        fit_simulators(experiment="nope", warehouse=str(home / "warehouse.duckdb"))
