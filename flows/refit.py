@@ -8,6 +8,7 @@ Otherwise it is a no-op that says so.
 
 from __future__ import annotations
 
+import numpy as np
 from prefect import flow, get_run_logger
 
 from flows.common import warehouse as open_warehouse
@@ -16,7 +17,7 @@ from flows.fit import fit_simulators
 from storage import registry
 from tasks.collect import complete_runs
 from tasks.evaluate import evaluate
-from tasks.fit import PRIMARY
+from tasks.fit import PRIMARY, FitError, split_runs
 
 
 @flow(name="refit", log_prints=True)
@@ -33,6 +34,11 @@ def refit(experiment: str = "demo", methods: list[str] | None = None, heldout_ev
     if latest is not None and complete <= seen:
         logger.info(f"no new complete runs since version {latest.version} ({len(complete)} runs); nothing to refit")
         return {"refit": False, "latest": latest.version, "best": _alias(wh, experiment, "best")}
+    try:
+        split_runs(np.array(sorted(complete), dtype=np.int64), heldout_every)
+    except FitError as error:
+        logger.info(f"not enough complete runs to fit yet: {error}")
+        return {"refit": False, "latest": None if latest is None else latest.version, "best": None}
     logger.info(f"{len(complete - seen)} new complete runs; refitting")
     published = fit_simulators(experiment, methods, heldout_every, dask_address, warehouse=warehouse)
     evaluation = evaluate_simulators(experiment, [f"latest-{p['method'].replace('_', '-')}" for p in published],

@@ -6,41 +6,23 @@ registered by collect-runs, and ingest-losses (or collect-runs) loads the shards
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from prefect import flow, get_run_logger
 
 from flows.common import experiment_config, warehouse as open_warehouse
 from storage.experiments import config_hash
 from tasks.collect import train_run as train_one
-from tasks.config import ExperimentConfig
 from tasks.data import load_examples
-
-
-@lru_cache(maxsize=2)
-def _trainer(config_json: str):
-    """One trainer per process and config: the model loads once for all the runs it trains."""
-    from tasks.config import from_dict
-    from tasks.training import Trainer
-
-    import json
-
-    config = from_dict(json.loads(config_json))
-    return Trainer(config, load_examples(config.data, config.model.task))
-
-
-def trainer_for(config: ExperimentConfig):
-    import json
-
-    return _trainer(json.dumps(config.to_dict(), sort_keys=True))
 
 
 @flow(name="train-run", log_prints=True, flow_run_name="train-run-{run_id}")
 def train_run(run_id: int, preset: str | None = "demo", config_path: str | None = None,
               warehouse: str | None = None) -> dict:
     """Train run ``run_id`` of the experiment and stream its losses as shards."""
+    from tasks.training import Trainer
+
     config = experiment_config(preset, config_path)
-    outcome = train_one(config, trainer_for(config), open_warehouse(warehouse), run_id)
+    trainer = Trainer(config, load_examples(config.data, config.model.task))
+    outcome = train_one(config, trainer, open_warehouse(warehouse), run_id)
     get_run_logger().info(f"run {run_id} of {config.name}: {outcome.status}"
                           + (f" ({outcome.reason})" if outcome.reason else ""))
     return {"run_id": run_id, "status": outcome.status, "reason": outcome.reason,

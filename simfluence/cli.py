@@ -102,10 +102,10 @@ def _warehouse(args: argparse.Namespace):
 
 
 def cmd_ingest(args: argparse.Namespace) -> dict:
-    """Load new loss shards into the warehouse (the single writer)."""
-    from storage.ingest import ingest
+    """Load new loss shards into the warehouse (the single writer): the ingest-losses flow."""
+    from flows.ingest import ingest_losses
 
-    report = ingest(_warehouse(args), args.experiment).to_dict()
+    report = ingest_losses(warehouse=args.warehouse, experiment=args.experiment)
     if not args.json:
         print(f"loaded {report['loaded_shards']} shards ({report['loaded_rows']} rows); "
               f"{len(report['completed_runs'])} runs completed, {len(report['failed_runs'])} failed")
@@ -167,22 +167,77 @@ class ConfigChoiceError(ValueError):
 
 
 def cmd_collect(args: argparse.Namespace) -> dict:
-    """Fine-tune runs on sampled curricula and stream their losses into the warehouse."""
-    from tasks.collect import collect
+    """Fine-tune runs on sampled curricula and stream their losses: the collect-runs flow."""
+    from flows.collect import collect_runs
 
-    config = _experiment_config(args)
-    bar = tqdm(total=args.runs, desc=f"collecting {config.name}", unit="run", disable=args.json, file=sys.stderr)
-    summary = collect(config, args.runs, _warehouse(args), gradients=not args.no_gradients,
-                      progress=lambda done, total: bar.update(1) if bar.total == total else bar.reset(total))
-    bar.close()
-    result = {"experiment": summary.experiment, "trained": summary.trained, "skipped": summary.skipped,
-              "failed": summary.failed, "timings": summary.timings}
+    if (args.preset is None) == (args.config is None):
+        raise ConfigChoiceError("give exactly one of --preset and --config")
+    result = collect_runs(preset=args.preset, config_path=args.config, runs=args.runs, warehouse=args.warehouse,
+                          gradients=not args.no_gradients, on_workers=args.on_workers)
     if not args.json:
-        print(f"{config.name}: trained {len(summary.trained)} runs, {len(summary.skipped)} already complete, "
-              f"{len(summary.failed)} failed")
-        for run_id, reason in summary.failed.items():
-            print(f"  run {run_id} failed: {reason}")
+        print(f"{result['experiment']}: trained {len(result['trained'])} runs; {len(result['complete'])} complete "
+              f"in the warehouse; {len(result['failed'])} failed")
+        for run_id, reason in result["failed"].items():
+            print(f"  run {run_id}: {reason}")
     return result
+
+
+def cmd_fit(args: argparse.Namespace) -> list:
+    """Fit and publish simulators: the fit-simulators flow."""
+    from flows.fit import fit_simulators
+
+    rows = fit_simulators(experiment=args.experiment, methods=args.methods.split(",") if args.methods else None,
+                          heldout_every=args.heldout_every, dask_address=args.dask_address, n_workers=args.n_workers,
+                          shard_size=args.shard_size, warehouse=args.warehouse)
+    if not args.json:
+        for row in rows:
+            print(f"{row['method']:<30} version {row['version']}  ({row['fit_seconds']:.1f} s)")
+    return rows
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict:
+    """Score simulators on held-out runs: the evaluate-simulators flow."""
+    from flows.evaluate import evaluate_simulators
+
+    refs = args.versions.split(",") if args.versions else ([args.alias] if args.alias else None)
+    result = evaluate_simulators(experiment=args.experiment, refs=refs, n_boot=args.bootstrap, warehouse=args.warehouse)
+    if not args.json:
+        print(format_leaderboard(pl.DataFrame(result["scores"]).drop("version")))
+        print(f"\nreport: {result['files'][0]}")
+    return result
+
+
+def cmd_refit(args: argparse.Namespace) -> dict:
+    """Refit and evaluate when new complete runs exist: the refit flow."""
+    from flows.refit import refit
+
+    result = refit(experiment=args.experiment, heldout_every=args.heldout_every, dask_address=args.dask_address,
+                   warehouse=args.warehouse)
+    if not args.json:
+        print(("refitted: " if result["refit"] else "nothing new to refit: ")
+              + f"latest {result['latest']}, best {result['best']}")
+    return result
+
+
+def _add_pipeline(sub: argparse._SubParsersAction) -> None:
+    for name, handler, help_text in (("fit", cmd_fit, "fit and publish simulators (Dask)"),
+                                     ("evaluate", cmd_evaluate, "score simulators on held-out runs"),
+                                     ("refit", cmd_refit, "refit when new complete runs exist")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--experiment", required=True)
+        p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
+        p.set_defaults(handler=handler)
+        if name in ("fit", "refit"):
+            p.add_argument("--heldout-every", type=int, default=5, help="hold out run ids k-1, 2k-1, ...")
+            p.add_argument("--dask-address", default=None, help="tcp://host:8786 (default: a LocalCluster)")
+        if name == "fit":
+            p.add_argument("--methods", default=None, help="comma-separated (default: all)")
+            p.add_argument("--n-workers", type=int, default=2, help="LocalCluster workers")
+            p.add_argument("--shard-size", type=int, default=64, help="test examples per Dask task")
+        if name == "evaluate":
+            p.add_argument("--versions", default=None, help="comma-separated versions")
+            p.add_argument("--alias", default=None, help="an alias such as latest or best")
+            p.add_argument("--bootstrap", type=int, default=1000)
 
 
 def _add_collect(sub: argparse._SubParsersAction) -> None:
@@ -192,10 +247,11 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=int, required=True, help="make runs 0..RUNS-1 complete (resumable)")
     p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
     p.add_argument("--no-gradients", action="store_true", help="skip the gradient checkpoints of the baselines")
+    p.add_argument("--on-workers", action="store_true", help="one train-run deployment run per run (work pool)")
     p.set_defaults(handler=cmd_collect)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_storage, _add_collect]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_storage, _add_collect, _add_pipeline]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,7 +267,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean bad input: reported in one line with exit status 2."""
     errors: tuple[type[Exception], ...] = USER_ERRORS + (SqlError, ConfigChoiceError)
     for module, name in (("storage.warehouse", "WarehouseError"), ("tasks.config", "ConfigError"),
-                         ("tasks.data", "DataError"), ("tasks.model", "ModelError")):
+                         ("tasks.data", "DataError"), ("tasks.model", "ModelError"), ("tasks.fit", "FitError")):
         if module in sys.modules:
             errors += (getattr(sys.modules[module], name),)
     return errors

@@ -77,43 +77,68 @@ def train_run(config: ExperimentConfig, trainer, warehouse: Warehouse, run_id: i
     return trainer.run(batches, header.seed, writer, on_step=on_step)
 
 
-def collect(config: ExperimentConfig, runs: int, warehouse: Warehouse, gradients: bool = True,
-            progress: Callable[[int, int], None] | None = None) -> CollectSummary:
+def prepare(config: ExperimentConfig, runs: int) -> Examples:
+    """Check everything that can fail on bad input (data, run count, curricula) before any write."""
+    if runs < 1:
+        raise ValueError(f"runs must be at least 1, got {runs}")
+    examples = load_examples(config.data, config.model.task)
+    for run_id in range(runs):
+        curriculum_for_run(config, run_id)  # an explicit curriculum file must cover every run
+    return examples
+
+
+def store_reference_gradients(config: ExperimentConfig, warehouse: Warehouse, trainer=None) -> None:
+    """Compute and store the gradient checkpoints of the experiment's reference run."""
+    from tasks.gradients import gradient_checkpoints
+    from tasks.training import Trainer
+
+    trainer = trainer or Trainer(config, load_examples(config.data, config.model.task))
+    store_gradients(warehouse, config.name, gradient_checkpoints(config, trainer))
+
+
+def collect(config: ExperimentConfig, runs: int, warehouse: Warehouse, gradients: bool = True, retries: int = 0,
+            progress: Callable[[int, int], None] | None = None,
+            log: Callable[[str], None] = lambda message: None) -> CollectSummary:
     """Make runs ``0..runs-1`` of the experiment complete in this process, ingesting after each,
     then store the gradient checkpoints if they are not stored yet.
 
     Everything that can fail on bad input (data, config, model) is checked before anything is
-    written. ``progress(done, total)`` is called after every run.
+    written. A run that raises is retried up to ``retries`` times (as a new attempt, which
+    replaces the old one: never a duplicate). ``progress(done, total)`` follows every run.
     """
-    from tasks.gradients import gradient_checkpoints  # torch and transformers load only when training
-    from tasks.training import Trainer
+    from tasks.training import Trainer  # torch and transformers load only when training
 
-    if runs < 1:
-        raise ValueError(f"runs must be at least 1, got {runs}")
     summary = CollectSummary(config.name)
-    examples = load_examples(config.data, config.model.task)
-    for run_id in range(runs):
-        curriculum_for_run(config, run_id)  # an explicit curriculum file must cover every run
+    examples = prepare(config, runs)
     done = complete_runs(warehouse, config.name)
     todo = [r for r in range(runs) if r not in done]
     summary.skipped = sorted(done & set(range(runs)))
     need_gradients = gradients and not has_gradients(warehouse, config.name)
+    log(f"{config.name}: {len(summary.skipped)} of {runs} runs already complete; training {len(todo)}")
     if not todo and not need_gradients:
         return summary
     trainer = Trainer(config, examples)
     register(config, warehouse, examples)
     for count, run_id in enumerate(todo, 1):
-        outcome = train_run(config, trainer, warehouse, run_id)
+        for attempt in range(retries + 1):
+            try:
+                outcome = train_run(config, trainer, warehouse, run_id)
+                break
+            except Exception as error:  # noqa: BLE001 - a crashed run is retried, then reported
+                if attempt == retries:
+                    raise
+                log(f"run {run_id} raised {error!r}; retrying ({attempt + 1}/{retries})")
         if outcome.status == "complete":
             summary.trained.append(run_id)
         else:
             summary.failed[run_id] = outcome.reason or "failed"
-        ingest(warehouse, config.name)
+        report = ingest(warehouse, config.name)
+        log(f"run {run_id}: {outcome.status} ({count}/{len(todo)}); ingested {report.loaded_rows} rows")
         if progress is not None:
             progress(count, len(todo))
     summary.timings = trainer.timings.as_dict()
     if need_gradients:
-        store_gradients(warehouse, config.name, gradient_checkpoints(config, trainer))
+        store_reference_gradients(config, warehouse, trainer)
     return summary
 
 
