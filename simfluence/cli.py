@@ -61,7 +61,7 @@ def format_leaderboard(scores: pl.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def cmd_demo(args: argparse.Namespace) -> dict:
+def cmd_synthetic(args: argparse.Namespace) -> dict:
     """Fit and score every simulator on synthetic runs with a known non-additive process."""
     runs, _ = synthetic.redundancy_runs(args.n_train, args.n_tests, args.runs, args.steps, args.batch_size,
                                         seed=args.seed)
@@ -82,8 +82,26 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     return {"scores": scores.to_dicts(), "fit_seconds": timings}
 
 
+def cmd_demo(args: argparse.Namespace) -> dict:
+    """The whole pipeline on the embedded default, in this process: collect, fit, evaluate."""
+    from flows.collect import collect_runs
+    from flows.evaluate import evaluate_simulators
+    from flows.fit import fit_simulators
+
+    collect_runs(preset="demo", runs=args.runs, warehouse=args.warehouse)
+    fit_simulators(experiment="demo", warehouse=args.warehouse)
+    result = evaluate_simulators(experiment="demo", warehouse=args.warehouse)
+    if not args.json:
+        print(open(result["files"][0]).read())
+    return result
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="fit and score every simulator (synthetic runs until the pipeline lands)")
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded default (collect, fit, evaluate)")
+    p.add_argument("--runs", type=int, default=48)
+    p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
+    p.set_defaults(handler=cmd_demo)
+    p = sub.add_parser("synthetic", help="fit and score every simulator on synthetic runs with known ground truth")
     p.add_argument("--n-train", type=int, default=200)
     p.add_argument("--n-tests", type=int, default=100)
     p.add_argument("--runs", type=int, default=80)
@@ -92,7 +110,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heldout", type=int, default=16)
     p.add_argument("--bootstrap", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(handler=cmd_demo)
+    p.set_defaults(handler=cmd_synthetic)
 
 
 def _warehouse(args: argparse.Namespace):

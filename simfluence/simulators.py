@@ -14,6 +14,7 @@ pickled.
 from __future__ import annotations
 
 import json
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -33,7 +34,9 @@ from simfluence.solvers import (
 )
 
 FORMAT_VERSION = 1
-DEFAULT_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+# Wide, because the right penalty grows with the number of transitions (R x T): on the demo
+# preset's 38 fitting runs cross-validation chose 1000.
+DEFAULT_L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
 
 
 class SimulatorError(ValueError):
@@ -380,6 +383,9 @@ class SimfluenceLinear(Simulator):
         mean_errors = errors.mean(axis=2)
         self.cv_scores = {intercept: [float(v) for v in mean_errors[a]] for a, intercept in enumerate(intercepts)}
         a, g = np.unravel_index(np.argmin(mean_errors), mean_errors.shape)
+        if len(grid) > 1 and g in (0, len(grid) - 1):
+            warnings.warn(f"{self.method}: cross-validation chose l2={grid[g]:g}, at the edge of l2_grid "
+                          f"{min(grid):g}..{max(grid):g}; widen the grid", stacklevel=2)
         if self.per_test_l2 and self.l2 == "cv":
             return intercepts[a], np.asarray(grid)[np.argmin(errors[a], axis=0)]
         return intercepts[a], grid[g]

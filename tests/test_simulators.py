@@ -204,3 +204,9 @@ def test_sharded_fit_equals_the_whole_fit(redundancy):
     np.testing.assert_allclose(joined.simulate(heldout.batches, heldout.initial_loss),
                                whole.simulate(heldout.batches, heldout.initial_loss), rtol=1e-6, atol=1e-9)
     assert joined.test_ids.tolist() == list(range(30))
+
+
+def test_cross_validation_warns_at_the_edge_of_the_grid(redundancy):
+    fitting, _ = redundancy
+    with pytest.warns(UserWarning, match="at the edge of l2_grid"):
+        sf.SimfluenceLinear(intercept="step", l2_grid=(1e3, 1e4), cv_folds=3).fit(fitting)
