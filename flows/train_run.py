@@ -14,10 +14,11 @@ from tasks.collect import train_run as train_one
 from tasks.data import load_examples
 
 
-@flow(name="train-run", log_prints=True, flow_run_name="train-run-{run_id}")
+@flow(name="train-run", log_prints=True, flow_run_name="train-run-{run_id}", retries=1, retry_delay_seconds=10)
 def train_run(run_id: int, preset: str | None = "demo", config_path: str | None = None,
               warehouse: str | None = None) -> dict:
-    """Train run ``run_id`` of the experiment and stream its losses as shards."""
+    """Train run ``run_id`` of the experiment and stream its losses as shards. A crashed run is
+    retried once: the retry is a new attempt that replaces the earlier one's shards."""
     from tasks.training import Trainer
 
     config = experiment_config(preset, config_path)

@@ -61,6 +61,22 @@ def test_collect_fit_evaluate_refit(home):
     assert refit(experiment="tiny", n_boot=50, warehouse=warehouse)["refit"] is False
 
 
+def test_cli_pipeline_commands_run_their_flows(home, capsys):
+    import json
+
+    from simfluence.cli import main
+
+    warehouse = str(home / "warehouse.duckdb")  # filled by the test above
+    assert main(["--json", "evaluate", "--experiment", "tiny", "--alias", "best", "--bootstrap", "20",
+                 "--warehouse", warehouse]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [row["method"] for row in result["leaderboard"]] == ["simfluence_linear"]
+    assert main(["refit", "--experiment", "tiny", "--warehouse", warehouse]) == 0
+    assert "nothing new to refit" in capsys.readouterr().out
+    assert main(["fit", "--experiment", "tiny", "--methods", "oracle", "--warehouse", warehouse]) == 2
+    assert "unknown methods ['oracle']" in capsys.readouterr().err
+
+
 def test_fit_on_a_dask_scheduler_address(home):
     from distributed import LocalCluster
 
