@@ -1,0 +1,64 @@
+"""Plots of trajectories, what-ifs and influences (matplotlib, PNG, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+
+from simfluence.runset import PAD  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def trajectory(path: str | Path, curriculum: np.ndarray, simulated: dict[str, np.ndarray],
+               true: np.ndarray | None = None, mark_example: int | None = None, title: str = "") -> Path:
+    """One test example's loss over steps: ``simulated`` curves (name -> ``float[T+1]``), the true
+    curve if given, and the steps whose batch contains ``mark_example`` shaded."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    if mark_example is not None:
+        steps = np.flatnonzero((curriculum == mark_example).any(axis=1)) + 1
+        for k, step in enumerate(steps):
+            ax.axvspan(step - 0.5, step + 0.5, color="#f2c14e", alpha=0.45, lw=0,
+                       label=f"batch has example {mark_example}" if k == 0 else None)
+    if true is not None:
+        ax.plot(np.arange(len(true)), true, color="black", lw=2, label="true")
+    for name, values in simulated.items():
+        ax.plot(np.arange(len(values)), values, lw=1.5, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def influence_bars(path: str | Path, table: pl.DataFrame, top: int = 15, title: str = "") -> Path:
+    """The ``top`` training examples by |effect| (``example_id``, ``effect`` columns)."""
+    rows = table.with_columns(pl.col("effect").abs().alias("size")).sort("size", descending=True).head(top)
+    rows = rows.sort("effect")
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(rows) + 1.2))
+    colours = ["#3b7d3b" if v < 0 else "#b04040" for v in rows["effect"]]
+    ax.barh([str(i) for i in rows["example_id"]], rows["effect"].to_numpy(), color=colours)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("effect on final loss (nats; negative: the example lowers it)")
+    ax.set_ylabel("training example")
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def count_present(curriculum: np.ndarray) -> int:
+    """Number of distinct training examples in a curriculum."""
+    return len(np.unique(curriculum[curriculum != PAD]))

@@ -1,0 +1,176 @@
+"""What-if answers from a fitted simulator: counterfactual curricula, influence, interactions.
+
+Everything here simulates many curricula at once (one batched :meth:`Simulator.simulate` call
+per question), so ranking every training example by leave-one-out costs one simulation of
+``occurring examples`` curricula, not a loop. Curricula are one run's ``int[T, b]`` (-1 pads);
+losses are in nats; an *effect* is the change of the final loss (edited minus base), so a
+negative effect means the example lowered the test loss.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from simfluence import curricula
+from simfluence.curricula import CurriculumError
+from simfluence.runset import PAD
+from simfluence.simulators import Simulator, SimulatorError
+
+EDIT_HELP = (
+    "remove:ID[,ID...] | repeat:IDxK | move:ID@STEP | swap:STEP,STEP | reorder:STEP,STEP,... | "
+    "replace:STEP=ID[,ID...] | insert:ID@STEP   (steps count from 1)"
+)
+_EDIT = re.compile(r"^(remove|repeat|move|swap|reorder|replace|insert):(.+)$")
+
+
+def _ints(text: str, edit: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CurriculumError(f"edit {edit!r}: expected integers, got {text!r}") from None
+
+
+def apply_edit(curriculum: np.ndarray, edit: str, seed: int = 0) -> np.ndarray:
+    """Apply one edit written as in :data:`EDIT_HELP` to ``int[T, b]``; returns a new array."""
+    match = _EDIT.match(edit.strip())
+    if not match:
+        raise CurriculumError(f"unknown edit {edit!r}; edits are {EDIT_HELP}")
+    kind, arg = match.groups()
+    if kind == "remove":
+        return curricula.remove(curriculum, _ints(arg, edit))
+    if kind == "repeat":
+        example, _, times = arg.partition("x")
+        return curricula.repeat(curriculum, _ints(example, edit)[0], _ints(times, edit)[0], seed=seed)
+    if kind in ("move", "insert"):
+        example, _, step = arg.partition("@")
+        (example_id,), (to_step,) = _ints(example, edit), _ints(step, edit)
+        return (curricula.move if kind == "move" else curricula.insert)(curriculum, example_id, to_step)
+    if kind == "swap":
+        a, b = _ints(arg, edit)
+        return curricula.swap(curriculum, a, b)
+    if kind == "reorder":
+        return curricula.reorder(curriculum, _ints(arg, edit))
+    step, _, ids = arg.partition("=")
+    return curricula.replace_batch(curriculum, _ints(step, edit)[0], _ints(ids, edit))
+
+
+def apply_edits(curriculum: np.ndarray, edits: list[str], seed: int = 0) -> np.ndarray:
+    """Apply edits in order."""
+    for edit in edits:
+        curriculum = apply_edit(curriculum, edit, seed)
+    return curriculum
+
+
+def stack(many: list[np.ndarray]) -> np.ndarray:
+    """Curricula of one length but different batch widths as ``int[K, T, b_max]``."""
+    steps = {c.shape[0] for c in many}
+    if len(steps) != 1:
+        raise CurriculumError(f"curricula of different lengths cannot be stacked: {sorted(steps)} steps")
+    width = max(c.shape[1] for c in many)
+    out = np.full((len(many), steps.pop(), width), PAD, dtype=np.int64)
+    for k, c in enumerate(many):
+        out[k, :, : c.shape[1]] = c
+    return out
+
+
+def _check(simulator: Simulator, initial_loss: np.ndarray, tests: list[int] | None) -> np.ndarray:
+    if simulator.test_ids is None:
+        raise SimulatorError("the simulator is not fitted")
+    m = len(simulator.test_ids)
+    if np.shape(initial_loss) != (m,):
+        raise SimulatorError(f"initial_loss must hold the {m} test examples' losses, got shape {np.shape(initial_loss)}")
+    positions = np.arange(m) if tests is None else np.asarray(tests, dtype=np.int64)
+    if positions.size == 0 or positions.min() < 0 or positions.max() >= m:
+        bad = [t for t in (tests or []) if not 0 <= t < m]
+        raise SimulatorError(f"test ids {bad} are out of range: this simulator has test ids 0..{m - 1}")
+    return positions
+
+
+@dataclass(frozen=True)
+class WhatIf:
+    """``base``, ``edited``: ``float[T+1, m]`` simulated trajectories; ``effect``: ``float[m]``
+    final-loss change (edited minus base)."""
+
+    base: np.ndarray
+    edited: np.ndarray
+
+    @property
+    def effect(self) -> np.ndarray:
+        return self.edited[-1] - self.base[-1]
+
+
+def counterfactual(simulator: Simulator, base: np.ndarray, edited: np.ndarray, initial_loss: np.ndarray) -> WhatIf:
+    """Simulate a curriculum and its edited version from the same initial losses."""
+    _check(simulator, initial_loss, None)
+    if base.shape[0] == edited.shape[0]:
+        both = simulator.simulate(stack([base, edited]), np.stack([initial_loss, initial_loss]))
+        return WhatIf(both[0], both[1])
+    return WhatIf(simulator.simulate(base[None], initial_loss[None])[0],
+                  simulator.simulate(edited[None], initial_loss[None])[0])
+
+
+def _final(simulator: Simulator, many: list[np.ndarray], initial_loss: np.ndarray, tests: np.ndarray,
+           chunk: int = 256) -> np.ndarray:
+    """``float[K]``: the mean final loss over ``tests`` of each curriculum (chunked)."""
+    out = []
+    for start in range(0, len(many), chunk):
+        part = stack(many[start : start + chunk])
+        pred = simulator.simulate(part, np.repeat(initial_loss[None], len(part), axis=0))
+        out.append(pred[:, -1, tests].mean(axis=1))
+    return np.concatenate(out)
+
+
+def influence(simulator: Simulator, curriculum: np.ndarray, initial_loss: np.ndarray,
+              tests: list[int] | None = None) -> pl.DataFrame:
+    """Leave-one-out effect of every training example in the curriculum on the final loss of
+    ``tests`` (their mean; default all), most loss-lowering first.
+
+    Columns: ``example_id``, ``occurrences``, ``effect`` (final loss with the example minus
+    without it: negative means it helped), ``final_without``.
+    """
+    positions = _check(simulator, initial_loss, tests)
+    ids, counts = np.unique(curriculum[curriculum != PAD], return_counts=True)
+    base = _final(simulator, [curriculum], initial_loss, positions)[0]
+    without = _final(simulator, [curricula.remove(curriculum, [i]) for i in ids], initial_loss, positions)
+    return pl.DataFrame({"example_id": ids, "occurrences": counts, "effect": base - without,
+                         "final_without": without}).sort("effect")
+
+
+def interactions(simulator: Simulator, curriculum: np.ndarray, initial_loss: np.ndarray, candidates: list[int],
+                 tests: list[int] | None = None) -> pl.DataFrame:
+    """For every pair of ``candidates``: the effect of removing both against the sum of removing
+    each alone. ``interaction`` = joint - (single_i + single_j); zero for an additive simulator,
+    positive for redundant pairs (together they do less than the sum of their parts).
+    Sorted by ``|interaction|``, largest first."""
+    positions = _check(simulator, initial_loss, tests)
+    candidates = list(dict.fromkeys(int(c) for c in candidates))
+    base = _final(simulator, [curriculum], initial_loss, positions)[0]
+    single = dict(zip(candidates, base - _final(simulator, [curricula.remove(curriculum, [c]) for c in candidates],
+                                                initial_loss, positions)))
+    pairs = [(a, b) for k, a in enumerate(candidates) for b in candidates[k + 1:]]
+    if not pairs:
+        return pl.DataFrame(schema={"example_a": pl.Int64, "example_b": pl.Int64, "joint": pl.Float64,
+                                    "sum_of_singles": pl.Float64, "interaction": pl.Float64})
+    joint = base - _final(simulator, [curricula.remove(curriculum, [a, b]) for a, b in pairs], initial_loss, positions)
+    singles = np.array([single[a] + single[b] for a, b in pairs])
+    frame = pl.DataFrame({"example_a": [a for a, _ in pairs], "example_b": [b for _, b in pairs], "joint": joint,
+                          "sum_of_singles": singles, "interaction": joint - singles})
+    return frame.sort(pl.col("interaction").abs(), descending=True)
+
+
+def order_effects(simulator: Simulator, curriculum: np.ndarray, initial_loss: np.ndarray, candidates: list[int],
+                  tests: list[int] | None = None) -> pl.DataFrame:
+    """For each candidate: the final loss with all its occurrences moved to the first step
+    against the last step. ``order_effect`` = late - early (positive: seeing it early helps
+    more). Sorted by ``|order_effect|``, largest first."""
+    positions = _check(simulator, initial_loss, tests)
+    T = curriculum.shape[0]
+    present = [int(c) for c in candidates if (curriculum == c).any()]
+    early = _final(simulator, [curricula.move(curriculum, c, 1) for c in present], initial_loss, positions)
+    late = _final(simulator, [curricula.move(curriculum, c, T) for c in present], initial_loss, positions)
+    return pl.DataFrame({"example_id": present, "final_if_early": early, "final_if_late": late,
+                         "order_effect": late - early}).sort(pl.col("order_effect").abs(), descending=True)

@@ -1,0 +1,87 @@
+"""What-if answers against simulators with known parameters."""
+
+import numpy as np
+import pytest
+
+import simfluence as sf
+from simfluence import whatif
+from simfluence.curricula import CurriculumError
+
+
+@pytest.fixture(scope="module")
+def world():
+    rng = np.random.default_rng(0)
+    n, m, T = 12, 3, 10
+    A = rng.normal(-0.01, 0.01, (n, m))
+    B = rng.normal(-0.02, 0.02, (n, m))
+    A[5] = B[5] = 0.0  # example 5 has no effect at all
+    curriculum = sf.curricula.uniform(n, 1, T, 3, seed=1)[0]
+    curriculum[2, 0] = 5
+    return A, B, curriculum, np.array([2.0, 1.5, 1.0])
+
+
+def test_no_edits_is_the_plain_simulation(world):
+    A, B, curriculum, initial = world
+    simulator = sf.SimfluenceLinear.from_parameters(A, B)
+    result = whatif.counterfactual(simulator, curriculum, whatif.apply_edits(curriculum, []), initial)
+    np.testing.assert_array_equal(result.edited, simulator.simulate(curriculum[None], initial[None])[0])
+    np.testing.assert_array_equal(result.effect, 0.0)
+
+
+def test_removing_an_example_without_effect_changes_nothing(world):
+    A, B, curriculum, initial = world
+    simulator = sf.SimfluenceLinear.from_parameters(A, B)
+    result = whatif.counterfactual(simulator, curriculum, whatif.apply_edit(curriculum, "remove:5"), initial)
+    np.testing.assert_allclose(result.edited, result.base, atol=1e-15)
+    table = whatif.influence(simulator, curriculum, initial)
+    assert table.filter(table["example_id"] == 5)["effect"][0] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_influence_of_an_additive_simulator_is_its_parameters(world):
+    A, B, curriculum, initial = world
+    simulator = sf.SimfluenceLinear.from_parameters(np.zeros_like(A), B)
+    table = whatif.influence(simulator, curriculum, initial, tests=[1])
+    for row in table.iter_rows(named=True):
+        assert row["effect"] == pytest.approx(row["occurrences"] * B[row["example_id"], 1], abs=1e-12)
+
+
+def test_pair_interactions_vanish_only_for_additive_simulators(world):
+    A, B, curriculum, initial = world
+    present = sorted(set(curriculum[curriculum >= 0].tolist()) - {5})[:4]
+    additive = sf.SimfluenceLinear.from_parameters(np.zeros_like(A), B)
+    np.testing.assert_allclose(whatif.interactions(additive, curriculum, initial, present)["interaction"], 0.0,
+                               atol=1e-12)
+    linear = sf.SimfluenceLinear.from_parameters(A, B)
+    assert np.abs(whatif.interactions(linear, curriculum, initial, present)["interaction"]).max() > 1e-6
+
+
+def test_order_effects_need_a_multiplicative_part(world):
+    A, B, curriculum, initial = world
+    present = sorted(set(curriculum[curriculum >= 0].tolist()))[:4]
+    additive = sf.SimfluenceLinear.from_parameters(np.zeros_like(A), B)
+    np.testing.assert_allclose(whatif.order_effects(additive, curriculum, initial, present)["order_effect"], 0.0,
+                               atol=1e-12)
+    linear = sf.SimfluenceLinear.from_parameters(A, B)
+    assert np.abs(whatif.order_effects(linear, curriculum, initial, present)["order_effect"]).max() > 1e-6
+
+
+def test_edits_are_parsed_and_bad_ones_explained(world):
+    _, _, curriculum, _ = world
+    assert (whatif.apply_edit(curriculum, "repeat:5x3") == 5).sum() == 3
+    assert (whatif.apply_edit(curriculum, "move:5@10")[9] == 5).any()
+    np.testing.assert_array_equal(whatif.apply_edit(curriculum, "swap:1,2")[0], curriculum[1])
+    assert whatif.apply_edit(curriculum, "replace:4=1,2,3,4").shape[1] == 4
+    for bad, message in (("drop:5", "unknown edit"), ("remove:x", "expected integers"),
+                         ("swap:1,99", "outside 1..10"), ("move:99@2", "not in this curriculum")):
+        with pytest.raises(CurriculumError, match=message):
+            whatif.apply_edit(curriculum, bad)
+
+
+def test_bad_test_ids_and_unknown_examples(world):
+    A, B, curriculum, initial = world
+    simulator = sf.SimfluenceLinear.from_parameters(A, B)
+    with pytest.raises(sf.SimulatorError, match=r"test ids \[7\] are out of range"):
+        whatif.influence(simulator, curriculum, initial, tests=[7])
+    edited = whatif.apply_edit(curriculum, "replace:1=40")
+    with pytest.raises(sf.SimulatorError, match="unknown training id 40"):
+        whatif.counterfactual(simulator, curriculum, edited, initial)
