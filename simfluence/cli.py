@@ -269,7 +269,133 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_collect)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_storage, _add_collect, _add_pipeline]
+def _tests(args: argparse.Namespace) -> list[int] | None:
+    return [int(t) for t in args.tests.split(",")] if args.tests else None
+
+
+def cmd_whatif(args: argparse.Namespace) -> dict:
+    """Simulate an observed run edited, beside the run itself and its plain simulation."""
+    from simfluence import plots, whatif
+    from tasks.whatif import ask, trajectory_table, write_table
+
+    question = ask(_warehouse(args), args.experiment, args.ref, args.run, getattr(args, "curriculum", None))
+    edited = whatif.apply_edits(question.curriculum, args.edit or [])
+    result = whatif.counterfactual(question.simulator, question.curriculum, edited, question.initial_loss)
+    tests = np.arange(len(question.simulator.test_ids)) if args.tests is None else np.asarray(_tests(args))
+    whatif._check(question.simulator, question.initial_loss, tests.tolist())
+    columns = {"simulated_base": result.base, "simulated_whatif": result.edited}
+    if question.observed is not None:
+        columns = {"observed": question.observed, **columns}
+    table = trajectory_table(columns, question.simulator.test_ids, tests)
+    effect = {int(question.simulator.test_ids[t]): float(result.effect[t]) for t in tests}
+    out = {"version": question.version, "method": question.name, "run_id": question.run_id,
+           "edits": args.edit or [], "final_loss_change": effect}
+    if args.out:
+        out["table"] = str(write_table(table, args.out))
+    if args.plot:
+        t = int(tests[0])
+        curves = {"simulated": result.base[:, t], "what-if": result.edited[:, t]}
+        out["plot"] = str(plots.trajectory(args.plot, question.curriculum, curves,
+                                           true=None if question.observed is None else question.observed[:, t],
+                                           mark_example=args.mark, title=f"test {question.simulator.test_ids[t]}"))
+    if not args.json:
+        print(f"{question.name} {question.version}, run {question.run_id}, edits: {', '.join(args.edit or []) or 'none'}")
+        print(f"mean change of the final loss: {np.mean(list(effect.values())):+.4f} nats over {len(effect)} test examples")
+        for test_id, change in sorted(effect.items(), key=lambda kv: kv[1])[:10]:
+            print(f"  test {test_id}: {change:+.4f}")
+        for key in ("table", "plot"):
+            if key in out:
+                print(f"{key}: {out[key]}")
+    return out
+
+
+def cmd_influence(args: argparse.Namespace) -> dict:
+    """Rank training examples by leave-one-out effect; pair interactions; order effects."""
+    from simfluence import plots, whatif
+    from tasks.whatif import ask, write_table
+
+    question = ask(_warehouse(args), args.experiment, args.ref, args.run, args.curriculum)
+    tests = _tests(args)
+    stages = tqdm(total=3, desc="influence", disable=args.json, file=sys.stderr)
+    ranking = whatif.influence(question.simulator, question.curriculum, question.initial_loss, tests)
+    stages.update()
+    by_size = ranking.with_columns(pl.col("effect").abs().alias("size")).sort("size", descending=True)
+    candidates = by_size["example_id"].head(args.pairs).to_list()
+    pairs = whatif.interactions(question.simulator, question.curriculum, question.initial_loss, candidates, tests)
+    stages.update()
+    order = whatif.order_effects(question.simulator, question.curriculum, question.initial_loss, candidates, tests)
+    stages.update()
+    stages.close()
+    out = {"version": question.version, "method": question.name, "run_id": question.run_id, "tests": tests,
+           "influence": ranking.head(args.top).to_dicts(), "interactions": pairs.head(args.top).to_dicts(),
+           "order_effects": order.to_dicts()}
+    if args.out:
+        out["table"] = str(write_table(ranking, args.out))
+    if args.plot:
+        out["plot"] = str(plots.influence_bars(args.plot, ranking, top=args.top,
+                                               title=f"{question.name}: run {question.run_id}"))
+    if not args.json:
+        with pl.Config(tbl_rows=args.top, tbl_width_chars=160):
+            print(f"{question.name} {question.version}; base: run {question.run_id}; tests: {tests or 'all'}")
+            print("leave-one-out effect on the final loss (negative: the example lowered it):")
+            print(ranking.head(args.top))
+            print("pair interactions among the strongest examples (joint minus the sum of singles):")
+            print(pairs.head(args.top))
+            print("order effects (last step minus first step):")
+            print(order)
+        for key in ("table", "plot"):
+            if key in out:
+                print(f"{key}: {out[key]}")
+    return out
+
+
+def cmd_report(args: argparse.Namespace) -> dict:
+    """A self-contained HTML report of an experiment."""
+    from tasks.report import build_report
+
+    stages = ["coverage", "leaderboard", "trajectories", "influence"]
+    bar = tqdm(total=len(stages), desc="report", disable=args.json, file=sys.stderr)
+    path = build_report(_warehouse(args), args.experiment, args.ref, args.out, step=lambda stage: bar.update())
+    bar.close()
+    if not args.json:
+        print(f"report: {path}")
+    return {"report": str(path)}
+
+
+def _add_whatif(sub: argparse._SubParsersAction) -> None:
+    from simfluence.whatif import EDIT_HELP
+
+    for name, handler, help_text in (
+            ("whatif", cmd_whatif, "simulate edits of an observed run beside the run itself"),
+            ("simulate", cmd_whatif, "simulate a curriculum from a file (.json, .npy, .csv)"),
+            ("influence", cmd_influence, "rank training examples by simulated leave-one-out effect"),
+            ("report", cmd_report, "write a self-contained HTML report of an experiment")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--experiment", required=True)
+        p.add_argument("--ref", default="latest", help="a version or alias (latest, best, latest-<method>)")
+        p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
+        p.set_defaults(handler=handler)
+        if name == "report":
+            p.add_argument("--out", default=None, help="HTML file (default <home>/reports/<experiment>/report.html)")
+            continue
+        p.add_argument("--run", type=int, default=None, help="observed run (default: the first held-out run)")
+        p.add_argument("--tests", default=None, help="comma-separated test ids (default: all)")
+        p.add_argument("--out", default=None, help="write the table as .csv or .parquet")
+        p.add_argument("--plot", default=None, help="write a PNG")
+        if name == "simulate":
+            p.add_argument("--curriculum", required=True, help="a curriculum file; starts from --run's initial losses")
+            p.set_defaults(edit=None, mark=None)
+        if name == "whatif":
+            p.add_argument("--edit", action="append", help=EDIT_HELP)
+            p.add_argument("--mark", type=int, default=None, help="shade the steps that contain this training example")
+        if name == "influence":
+            p.add_argument("--curriculum", default=None, help="a curriculum file instead of the observed run")
+            p.add_argument("--top", type=int, default=15)
+            p.add_argument("--pairs", type=int, default=6, help="strongest examples to test for interactions")
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_storage, _add_collect, _add_pipeline,
+                                                               _add_whatif]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,7 +411,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean bad input: reported in one line with exit status 2."""
     errors: tuple[type[Exception], ...] = USER_ERRORS + (SqlError, ConfigChoiceError)
     for module, name in (("storage.warehouse", "WarehouseError"), ("tasks.config", "ConfigError"),
-                         ("tasks.data", "DataError"), ("tasks.model", "ModelError"), ("tasks.fit", "FitError")):
+                         ("tasks.data", "DataError"), ("tasks.model", "ModelError"), ("tasks.fit", "FitError"),
+                         ("tasks.whatif", "TableFormatError")):
         if module in sys.modules:
             errors += (getattr(sys.modules[module], name),)
     return errors
