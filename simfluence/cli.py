@@ -172,14 +172,6 @@ def _add_storage(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_sql)
 
 
-def _experiment_config(args: argparse.Namespace):
-    from tasks.config import load_config, preset
-
-    if (args.preset is None) == (args.config is None):
-        raise ConfigChoiceError("give exactly one of --preset and --config")
-    return preset(args.preset) if args.preset else load_config(args.config)
-
-
 class ConfigChoiceError(ValueError):
     """Neither or both of --preset and --config."""
 

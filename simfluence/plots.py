@@ -12,7 +12,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from simfluence.runset import PAD  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -58,7 +57,3 @@ def influence_bars(path: str | Path, table: pl.DataFrame, top: int = 15, title: 
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
-
-def count_present(curriculum: np.ndarray) -> int:
-    """Number of distinct training examples in a curriculum."""
-    return len(np.unique(curriculum[curriculum != PAD]))

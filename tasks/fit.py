@@ -14,6 +14,7 @@ judged on, and versions fitted at different times can be compared on the same he
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -134,8 +135,6 @@ def fit_and_publish(
 
     Every version gets the alias ``latest-<method>``; the primary method also ``latest``.
     """
-    import time
-
     methods = list(methods or ALL_METHODS)
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
