@@ -9,3 +9,5 @@ import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+if os.environ.get("PREFECT_HOME"):
+    os.makedirs(os.path.expanduser(os.environ["PREFECT_HOME"]), exist_ok=True)  # Prefect's SQLite needs the folder
