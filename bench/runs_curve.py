@@ -16,9 +16,12 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 import simfluence as sf
 from storage.experiments import load_gradients, load_runset
 from storage.warehouse import Warehouse
+from tasks.collect import complete_runs
 from tasks.fit import split_runs
 
 
@@ -31,12 +34,12 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
     wh = Warehouse(args.warehouse)
-    everything = load_runset(wh, args.experiment)
-    fit_ids, held_ids = split_runs(everything.run_ids, 5)
+    run_ids = np.array(sorted(complete_runs(wh, args.experiment)), dtype=np.int64)
+    fit_ids, held_ids = split_runs(run_ids, 5)
     heldout = load_runset(wh, args.experiment, run_ids=held_ids)
     gradients = load_gradients(wh, args.experiment)
     sizes = [k for k in (int(s) for s in args.sizes.split(",")) if k <= len(fit_ids)]
-    print(f"{args.experiment}: {len(everything.run_ids)} complete runs; {len(held_ids)} held out (fixed); "
+    print(f"{args.experiment}: {len(run_ids)} complete runs; {len(held_ids)} held out (fixed); "
           f"fitting on the first k of {len(fit_ids)} for k in {sizes}")
     print(f"{'k':>5} {'method':<26} {'all-steps MSE':>14} {'Spearman (runs)':>16}")
     results = []

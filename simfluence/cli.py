@@ -273,8 +273,7 @@ def cmd_whatif(args: argparse.Namespace) -> dict:
     question = ask(_warehouse(args), args.experiment, args.ref, args.run, getattr(args, "curriculum", None))
     edited = whatif.apply_edits(question.curriculum, args.edit or [])
     result = whatif.counterfactual(question.simulator, question.curriculum, edited, question.initial_loss)
-    tests = np.arange(len(question.simulator.test_ids)) if args.tests is None else np.asarray(_tests(args))
-    whatif._check(question.simulator, question.initial_loss, tests.tolist())
+    tests = whatif.test_positions(question.simulator, question.initial_loss, _tests(args))
     columns = {"simulated_base": result.base, "simulated_whatif": result.edited}
     if question.observed is not None:
         columns = {"observed": question.observed, **columns}
@@ -311,8 +310,7 @@ def cmd_influence(args: argparse.Namespace) -> dict:
     stages = tqdm(total=3, desc="influence", disable=args.json, file=sys.stderr)
     ranking = whatif.influence(question.simulator, question.curriculum, question.initial_loss, tests)
     stages.update()
-    by_size = ranking.with_columns(pl.col("effect").abs().alias("size")).sort("size", descending=True)
-    candidates = by_size["example_id"].head(args.pairs).to_list()
+    candidates = whatif.strongest(ranking, args.pairs)
     pairs = whatif.interactions(question.simulator, question.curriculum, question.initial_loss, candidates, tests)
     stages.update()
     order = whatif.order_effects(question.simulator, question.curriculum, question.initial_loss, candidates, tests)

@@ -46,8 +46,7 @@ def trajectory(path: str | Path, curriculum: np.ndarray, simulated: dict[str, np
 
 def influence_bars(path: str | Path, table: pl.DataFrame, top: int = 15, title: str = "") -> Path:
     """The ``top`` training examples by |effect| (``example_id``, ``effect`` columns)."""
-    rows = table.with_columns(pl.col("effect").abs().alias("size")).sort("size", descending=True).head(top)
-    rows = rows.sort("effect")
+    rows = table.sort(pl.col("effect").abs(), descending=True).head(top).sort("effect")
     fig, ax = plt.subplots(figsize=(7, 0.32 * len(rows) + 1.2))
     colours = ["#3b7d3b" if v < 0 else "#b04040" for v in rows["effect"]]
     ax.barh([str(i) for i in rows["example_id"]], rows["effect"].to_numpy(), color=colours)

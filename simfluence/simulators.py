@@ -360,7 +360,7 @@ class SimfluenceLinear(Simulator):
         independent, so shards of test examples can be scored separately and concatenated."""
         intercepts, grid = self.candidates()
         errors = np.zeros((len(intercepts), len(grid), runs.n_tests))
-        probe = type(self)(**{k: v for k, v in self.hyperparameters().items() if k in _LINEAR_ARGS})
+        probe = type(self).from_hyperparameters(self.hyperparameters())
         probe.n_train, probe.test_ids = runs.n_train, runs.test_ids
         for fit_index, val_index in runs.run_folds(self.cv_folds, self.seed):
             fitting, validation = runs.select_runs(fit_index), runs.select_runs(val_index)
@@ -447,7 +447,6 @@ class SimfluenceLinear(Simulator):
             "per_test_l2": self.per_test_l2,
             "solver": self.solver,
             "seed": self.seed,
-            "threads": self.threads,
         }
         if hasattr(self, "fitted_intercept"):
             hp["fitted_intercept"] = self.fitted_intercept
@@ -471,8 +470,7 @@ class SimfluenceLinear(Simulator):
         self._table_cache = {}
 
 
-_LINEAR_ARGS = ("parametrization", "intercept", "l2", "l2_b", "l2_grid", "cv_folds", "per_test_l2", "solver", "seed",
-                "threads")
+_LINEAR_ARGS = ("parametrization", "intercept", "l2", "l2_b", "l2_grid", "cv_folds", "per_test_l2", "solver", "seed")
 
 
 class SimfluenceAdditive(SimfluenceLinear):

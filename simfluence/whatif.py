@@ -77,7 +77,9 @@ def stack(many: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _check(simulator: Simulator, initial_loss: np.ndarray, tests: list[int] | None) -> np.ndarray:
+def test_positions(simulator: Simulator, initial_loss: np.ndarray, tests: list[int] | None) -> np.ndarray:
+    """``int64[k]`` positions of ``tests`` (default all) after checking them and the initial
+    losses against the simulator; raises :class:`SimulatorError` naming what is wrong."""
     if simulator.test_ids is None:
         raise SimulatorError("the simulator is not fitted")
     m = len(simulator.test_ids)
@@ -105,7 +107,7 @@ class WhatIf:
 
 def counterfactual(simulator: Simulator, base: np.ndarray, edited: np.ndarray, initial_loss: np.ndarray) -> WhatIf:
     """Simulate a curriculum and its edited version from the same initial losses."""
-    _check(simulator, initial_loss, None)
+    test_positions(simulator, initial_loss, None)
     if base.shape[0] == edited.shape[0]:
         both = simulator.simulate(stack([base, edited]), np.stack([initial_loss, initial_loss]))
         return WhatIf(both[0], both[1])
@@ -124,6 +126,11 @@ def _final(simulator: Simulator, many: list[np.ndarray], initial_loss: np.ndarra
     return np.concatenate(out)
 
 
+def strongest(ranking: pl.DataFrame, k: int) -> list[int]:
+    """The ``k`` example ids of an :func:`influence` ranking with the largest ``|effect|``."""
+    return ranking.sort(pl.col("effect").abs(), descending=True)["example_id"].head(k).to_list()
+
+
 def influence(simulator: Simulator, curriculum: np.ndarray, initial_loss: np.ndarray,
               tests: list[int] | None = None) -> pl.DataFrame:
     """Leave-one-out effect of every training example in the curriculum on the final loss of
@@ -132,7 +139,7 @@ def influence(simulator: Simulator, curriculum: np.ndarray, initial_loss: np.nda
     Columns: ``example_id``, ``occurrences``, ``effect`` (final loss with the example minus
     without it: negative means it helped), ``final_without``.
     """
-    positions = _check(simulator, initial_loss, tests)
+    positions = test_positions(simulator, initial_loss, tests)
     ids, counts = np.unique(curriculum[curriculum != PAD], return_counts=True)
     base = _final(simulator, [curriculum], initial_loss, positions)[0]
     without = _final(simulator, [curricula.remove(curriculum, [i]) for i in ids], initial_loss, positions)
@@ -146,7 +153,7 @@ def interactions(simulator: Simulator, curriculum: np.ndarray, initial_loss: np.
     each alone. ``interaction`` = joint - (single_i + single_j); zero for an additive simulator,
     positive for redundant pairs (together they do less than the sum of their parts).
     Sorted by ``|interaction|``, largest first."""
-    positions = _check(simulator, initial_loss, tests)
+    positions = test_positions(simulator, initial_loss, tests)
     candidates = list(dict.fromkeys(int(c) for c in candidates))
     base = _final(simulator, [curriculum], initial_loss, positions)[0]
     single = dict(zip(candidates, base - _final(simulator, [curricula.remove(curriculum, [c]) for c in candidates],
@@ -167,7 +174,7 @@ def order_effects(simulator: Simulator, curriculum: np.ndarray, initial_loss: np
     """For each candidate: the final loss with all its occurrences moved to the first step
     against the last step. ``order_effect`` = late - early (positive: seeing it early helps
     more). Sorted by ``|order_effect|``, largest first."""
-    positions = _check(simulator, initial_loss, tests)
+    positions = test_positions(simulator, initial_loss, tests)
     T = curriculum.shape[0]
     present = [int(c) for c in candidates if (curriculum == c).any()]
     early = _final(simulator, [curricula.move(curriculum, c, 1) for c in present], initial_loss, positions)

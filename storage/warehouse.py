@@ -265,7 +265,7 @@ class Warehouse:
         """TEMP VIEW ``live_losses``: loss rows in shard files not yet ingested (never locked)."""
         root = self.shard_root.resolve().as_posix().replace("'", "''")
         pattern = f"{root}/*/run-*/losses-*.parquet"
-        if not list(self.shard_root.glob("*/run-*/losses-*.parquet")):
+        if next(self.shard_root.glob("*/run-*/losses-*.parquet"), None) is None:
             con.execute(
                 "CREATE TEMP VIEW live_losses AS SELECT NULL::VARCHAR AS experiment, NULL::INTEGER AS run_id, "
                 "NULL::INTEGER AS step, NULL::INTEGER AS test_id, NULL::DOUBLE AS loss, NULL::VARCHAR AS shard "

@@ -29,7 +29,6 @@ class CollectSummary:
     trained: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def run_seed(config: ExperimentConfig, run_id: int) -> int:
@@ -136,7 +135,6 @@ def collect(config: ExperimentConfig, runs: int, warehouse: Warehouse, gradients
         log(f"run {run_id}: {outcome.status} ({count}/{len(todo)}); ingested {report.loaded_rows} rows")
         if progress is not None:
             progress(count, len(todo))
-    summary.timings = trainer.timings.as_dict()
     if need_gradients:
         store_reference_gradients(config, warehouse, trainer)
     return summary

@@ -50,6 +50,7 @@ def evaluate(warehouse: Warehouse, experiment: str, refs: list[str], n_boot: int
     """Score each version or alias on its own held-out runs (or on ``heldout_run_ids``, which
     must not overlap its fitting runs) and record the scores."""
     frames = []
+    loaded: dict[tuple, object] = {}  # the held-out runs, read once per (runs, tests)
     for ref in refs:
         simulator, info = registry.load(warehouse, experiment, ref)
         held = heldout_run_ids if heldout_run_ids is not None else info.manifest["heldout_run_ids"]
@@ -57,7 +58,10 @@ def evaluate(warehouse: Warehouse, experiment: str, refs: list[str], n_boot: int
         if overlap:
             raise registry.RegistryError(f"version {info.version} was fitted on runs {sorted(overlap)[:5]}; "
                                          f"it cannot be scored on them")
-        heldout = load_runset(warehouse, experiment, run_ids=held, test_ids=simulator.test_ids)
+        key = (tuple(held), tuple(simulator.test_ids.tolist()))
+        if key not in loaded:
+            loaded[key] = load_runset(warehouse, experiment, run_ids=held, test_ids=simulator.test_ids)
+        heldout = loaded[key]
         scores = sf.metrics.score({info.manifest["name"]: simulator}, heldout, n_boot=n_boot)
         registry.record_evaluation(warehouse, experiment, info.version, scores.to_dicts(), held)
         frames.append(scores.with_columns(pl.lit(info.version).alias("version")))

@@ -26,6 +26,7 @@ from simfluence.runset import RunSet
 from storage import registry
 from storage.experiments import load_gradients, load_runset
 from storage.warehouse import Warehouse, WarehouseError, fetch_one
+from tasks.collect import complete_runs
 
 LINEAR_FAMILY: dict[str, Callable[[], sf.SimfluenceLinear]] = {
     "simfluence_linear": lambda: sf.SimfluenceLinear(intercept="cv"),
@@ -139,8 +140,13 @@ def fit_and_publish(
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise FitError(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
-    all_runs = load_runset(warehouse, experiment)
-    fit_ids, held_ids = split_runs(all_runs.run_ids, heldout_every)
+    with warehouse.reader() as con:
+        row = fetch_one(con, "SELECT config_hash FROM experiments WHERE experiment = ?", [experiment])
+    if row is None:
+        raise WarehouseError(f"unknown experiment {experiment!r}")
+    config_hash = row[0]
+    fit_ids, held_ids = split_runs(np.array(sorted(complete_runs(warehouse, experiment)), dtype=np.int64),
+                                   heldout_every)
     fitting = load_runset(warehouse, experiment, run_ids=fit_ids)
     gradients = None
     if any(m in GRADIENT_METHODS for m in methods):
@@ -150,8 +156,6 @@ def fit_and_publish(
             log(f"skipping the gradient baselines: {error}")
             methods = [m for m in methods if m not in GRADIENT_METHODS]
     digest = data_hash(fitting)
-    with warehouse.reader() as con:
-        config_hash = fetch_one(con, "SELECT config_hash FROM experiments WHERE experiment = ?", [experiment])[0]
     published = []
     with dask_client(dask_address, n_workers) as client:
         log(f"fitting {len(methods)} methods on {len(fit_ids)} runs ({len(held_ids)} held out) of {experiment!r}, "

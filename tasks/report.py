@@ -102,8 +102,7 @@ def build_report(warehouse: Warehouse, experiment: str, ref: str = "latest", out
         question = ask(warehouse, experiment, ref)
         sim, curriculum, initial = question.simulator, question.curriculum, question.initial_loss
         ranking = whatif.influence(sim, curriculum, initial)
-        candidates = ranking.with_columns(pl.col("effect").abs().alias("size")).sort(
-            "size", descending=True)["example_id"].head(pairs).to_list()
+        candidates = whatif.strongest(ranking, pairs)
         pair_table = whatif.interactions(sim, curriculum, initial, candidates)
         order_table = whatif.order_effects(sim, curriculum, initial, candidates)
         bars = plots.influence_bars(scratch / "influence.png", ranking, top=top,
