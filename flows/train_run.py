@@ -27,4 +27,4 @@ def train_run(run_id: int, preset: str | None = "demo", config_path: str | None 
     get_run_logger().info(f"run {run_id} of {config.name}: {outcome.status}"
                           + (f" ({outcome.reason})" if outcome.reason else ""))
     return {"run_id": run_id, "status": outcome.status, "reason": outcome.reason,
-            "config_hash": config_hash(config.to_dict())}
+            "config_hash": config_hash(config.identity())}

@@ -13,6 +13,7 @@ This package imports neither Prefect nor DuckDB.
 
 from simfluence import curricula, metrics, synthetic
 from simfluence.gradients import GradientCheckpoints
+from simfluence.momentum import OptimizerSpec, SimfluenceMomentum
 from simfluence.runset import RunSet, RunSetError
 from simfluence.simulators import (
     Constant,
@@ -35,10 +36,12 @@ __all__ = [
     "GradientCheckpoints",
     "InfluenceFunction",
     "MeanTrajectory",
+    "OptimizerSpec",
     "RunSet",
     "RunSetError",
     "SimfluenceAdditive",
     "SimfluenceLinear",
+    "SimfluenceMomentum",
     "SimfluenceMultiplicative",
     "Simulator",
     "SimulatorError",

@@ -12,6 +12,11 @@ gradient dimensions and T updates:
   weights by lr / b times its gradient).
 - ``curvature`` (optional): ``float[K, d, d]`` damped Gauss-Newton matrices on the same
   projection; when absent, the empirical Fisher ``G^T G / n`` of the training gradients.
+- ``train_grads_preconditioned`` (optional, training with Adam): ``float[K, n, d]`` the
+  training gradients multiplied elementwise by Adam's step scale ``1 / (sqrt(v_hat) + eps)``
+  of the reference run at the checkpoint, then projected: ``<g_i * P, g_j>`` is then the
+  first-order change of test loss j per unit learning rate that example i causes under Adam
+  (its momentum aside).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class GradientCheckpoints:
     test_grads: np.ndarray
     batch_size: int
     curvatures: np.ndarray | None = None
+    train_grads_preconditioned: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         steps = np.asarray(self.steps, dtype=np.int64)
@@ -52,6 +58,9 @@ class GradientCheckpoints:
                 raise GradientError(f"{name} has NaN or infinite values")
         if self.batch_size < 1:
             raise GradientError(f"batch_size must be positive, got {self.batch_size}")
+        pre = self.train_grads_preconditioned
+        if pre is not None and (np.asarray(pre).shape != train.shape or not np.all(np.isfinite(pre))):
+            raise GradientError(f"train_grads_preconditioned must be finite and shaped like train_grads {train.shape}")
         if self.curvatures is not None and np.asarray(self.curvatures).shape != (K, d, d):
             raise GradientError(f"curvatures must be [K, d, d] = [{K}, {d}, {d}], got {np.asarray(self.curvatures).shape}")
         object.__setattr__(self, "steps", steps)
@@ -65,6 +74,14 @@ class GradientCheckpoints:
                 f"gradients are for n={n} training and m={m} test examples, the runs have "
                 f"n={runs.n_train} and m={runs.n_tests}"
             )
+
+    def dots(self, preconditioned: bool = False) -> np.ndarray:
+        """``float64[K, n, m]`` gradient inner products <g_i, g_j> at each checkpoint (with
+        ``preconditioned``, <g_i * P, g_j> where Adam's step scale P is stored, else plain)."""
+        train = self.train_grads
+        if preconditioned and self.train_grads_preconditioned is not None:
+            train = self.train_grads_preconditioned
+        return np.einsum("knd,kmd->knm", np.asarray(train, dtype=np.float64), np.asarray(self.test_grads, dtype=np.float64))
 
     def curvature(self, k: int) -> np.ndarray:
         """``float64[d, d]`` curvature at checkpoint k (empirical Fisher if none was stored)."""
@@ -83,6 +100,8 @@ class GradientCheckpoints:
         }
         if self.curvatures is not None:
             arrays["curvatures"] = self.curvatures
+        if self.train_grads_preconditioned is not None:
+            arrays["train_grads_preconditioned"] = self.train_grads_preconditioned
         np.savez(path, **arrays)
 
     @classmethod
@@ -92,6 +111,7 @@ class GradientCheckpoints:
                 return cls(
                     data["steps"], data["learning_rates"], data["train_grads"], data["test_grads"],
                     int(data["batch_size"]), data["curvatures"] if "curvatures" in data else None,
+                    data["train_grads_preconditioned"] if "train_grads_preconditioned" in data else None,
                 )
         except (OSError, KeyError, ValueError) as error:
             if isinstance(error, GradientError):

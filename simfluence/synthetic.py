@@ -4,6 +4,8 @@
 (b) :func:`redundancy_runs`: each test example has a few related training examples; each
     appearance of one moves the loss a fixed fraction of the way to a floor, so repeats
     saturate. An additive model (a constant drop per appearance) cannot represent this.
+(c) :func:`momentum_runs`: a gradient-similarity effect spread over later steps by the
+    optimizer's momentum, the process the momentum-aware Simfluence assumes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from simfluence.curricula import uniform
+from simfluence.gradients import GradientCheckpoints
+from simfluence.momentum import OptimizerSpec
 from simfluence.runset import RunSet
 from simfluence.solvers import count_matrix
 
@@ -100,3 +104,53 @@ def redundancy_runs(
         keep = (1.0 - rate) ** hits
         losses[:, t + 1] = floor + keep * (losses[:, t] - floor) + noise * rng.standard_normal((runs, m))
     return RunSet(batches, losses, n_train=n), related_ids
+
+
+@dataclass(frozen=True)
+class MomentumTruth:
+    """What generated :func:`momentum_runs`: the optimizer, the true scale of the gradient
+    prior, per-example residual effects ``B: float64[n, m]`` and step intercepts
+    ``beta0: float64[T, m]``."""
+
+    optimizer: OptimizerSpec
+    scale: float
+    B: np.ndarray
+    beta0: np.ndarray
+
+
+def momentum_runs(
+    n: int,
+    m: int,
+    runs: int,
+    steps: int,
+    batch_size: int,
+    *,
+    optimizer: OptimizerSpec = OptimizerSpec("adam", 0.9),
+    dim: int = 16,
+    learning_rate: float = 0.05,
+    scale: float = 0.6,
+    residual: float = 0.01,
+    noise: float = 0.002,
+    seed: int = 0,
+) -> tuple[RunSet, GradientCheckpoints, MomentumTruth]:
+    """Runs whose loss changes are a batch's effect spread over later steps by the optimizer's
+    momentum kernel: ``L_t - L_{t-1} = beta0_t + sum_u k(t,u) sum_{i in c_u} (B_i - scale *
+    lr/b <g_i, g_j>) + noise``, with gradients ``g`` fixed random vectors (one checkpoint at
+    step 0, returned). A model without momentum attributes each effect to the wrong step.
+    """
+    rng = np.random.default_rng(seed)
+    train = rng.normal(0.0, 1.0, (n, dim))
+    test = rng.normal(0.0, 1.0, (m, dim))
+    dots = train @ test.T
+    B = rng.normal(0.0, residual, (n, m))
+    beta0 = rng.normal(-0.01, 0.005, (steps, m))
+    batches = uniform(n, runs, steps, batch_size, seed=seed + 1)
+    counts = count_matrix(batches, n).toarray().reshape(runs, steps, n)
+    effect = counts @ (B - scale * learning_rate / batch_size * dots)  # [R, T, m]
+    change = beta0[None] + optimizer.filter(effect) + noise * rng.standard_normal((runs, steps, m))
+    losses = np.concatenate([np.broadcast_to(rng.uniform(1.5, 2.5, m), (runs, 1, m)),
+                             np.zeros((runs, steps, m))], axis=1)
+    losses[:, 1:] = losses[:, :1] + np.cumsum(change, axis=1)
+    gradients = GradientCheckpoints(np.array([0]), np.full(steps, learning_rate), train[None].astype(np.float32),
+                                    test[None].astype(np.float32), batch_size=batch_size)
+    return RunSet(batches, losses, n_train=n), gradients, MomentumTruth(optimizer, scale, B, beta0)

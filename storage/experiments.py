@@ -30,11 +30,13 @@ def register_experiment(
     train: pl.DataFrame,
     test: pl.DataFrame,
     description: str = "",
+    digest: str | None = None,
 ) -> bool:
     """Record an experiment and its examples (``example_id``, ``text``, ``label`` columns).
 
     Idempotent: registering the same name with the same config does nothing and returns False;
-    a different config under an existing name is refused.
+    a different config under an existing name is refused. ``digest`` is the config's identity
+    hash (default: the hash of ``config`` as given).
     """
     check_name(name, "experiment name")
     for split, frame in (("train", train), ("test", test)):
@@ -45,7 +47,7 @@ def register_experiment(
             raise WarehouseError(f"the {split} split of experiment {name!r} is empty")
         if frame["example_id"].to_list() != list(range(frame.height)):
             raise WarehouseError(f"{split} example ids must be 0..{frame.height - 1} in order")
-    digest = config_hash(config)
+    digest = digest or config_hash(config)
     with warehouse.writer() as con:
         existing = fetch_one(con, "SELECT config_hash FROM experiments WHERE experiment = ?", [name])
         if existing is not None:
@@ -155,7 +157,9 @@ def store_gradients(warehouse: Warehouse, experiment: str, gradients: GradientCh
             "gradient": pa.ListArray.from_arrays(pa.array(np.arange(0, K * count * d + 1, d, dtype=np.int32)), flat),
         })
 
-    rows = pa.concat_tables([gradient_rows("train", gradients.train_grads), gradient_rows("test", gradients.test_grads)])
+    splits = {"train": gradients.train_grads, "test": gradients.test_grads,
+              "train_preconditioned": gradients.train_grads_preconditioned}
+    rows = pa.concat_tables([gradient_rows(split, grads) for split, grads in splits.items() if grads is not None])
     curvature = [None] * K if gradients.curvatures is None else [
         np.asarray(c, dtype=np.float32).reshape(-1).tolist() for c in gradients.curvatures]
     with warehouse.writer() as con:
@@ -187,17 +191,20 @@ def load_gradients(warehouse: Warehouse, experiment: str) -> GradientCheckpoints
             raise WarehouseError(f"experiment {experiment!r} has no gradient checkpoints stored")
         rates = con.execute("SELECT learning_rate FROM step_learning_rates WHERE experiment = ? ORDER BY step",
                             [experiment]).fetchnumpy()["learning_rate"]
-        grads = {}
-        for split in ("train", "test"):
+        grads: dict[str, np.ndarray | None] = {}
+        for split in ("train", "test", "train_preconditioned"):
             table = con.sql(
                 "SELECT gradient FROM projected_gradients WHERE experiment = ? AND split = ? "
                 "ORDER BY checkpoint_step, example_id", params=[experiment, split]).to_arrow_table()
             flat = pc.list_flatten(table["gradient"]).to_numpy()
-            d = len(table["gradient"][0]) if table.num_rows else 0
-            grads[split] = flat.reshape(len(checkpoints), -1, d)
+            if not table.num_rows:
+                grads[split] = None
+                continue
+            grads[split] = flat.reshape(len(checkpoints), -1, len(table["gradient"][0]))
     steps = np.array([c[0] for c in checkpoints])
     curvatures = None
     if checkpoints[0][2] is not None:
         d = grads["train"].shape[2]
         curvatures = np.array([np.asarray(c[2], dtype=np.float32).reshape(d, d) for c in checkpoints])
-    return GradientCheckpoints(steps, rates, grads["train"], grads["test"], int(checkpoints[0][1]), curvatures)
+    return GradientCheckpoints(steps, rates, grads["train"], grads["test"], int(checkpoints[0][1]), curvatures,
+                               grads["train_preconditioned"])

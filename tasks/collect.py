@@ -53,7 +53,8 @@ def curriculum_for_run(config: ExperimentConfig, run_id: int) -> np.ndarray:
 def register(config: ExperimentConfig, warehouse: Warehouse, examples: Examples) -> None:
     """Register the experiment and its examples (idempotent)."""
     register_experiment(warehouse, config.name, config.to_dict(), examples.train, examples.test,
-                        description=f"{config.model.source} on {config.data.source}")
+                        description=f"{config.model.source} on {config.data.source}",
+                        digest=config_hash(config.identity()))
 
 
 def complete_runs(warehouse: Warehouse, experiment: str) -> set[int]:
@@ -70,7 +71,7 @@ def train_run(config: ExperimentConfig, trainer, warehouse: Warehouse, run_id: i
     batches = curriculum_for_run(config, run_id)
     header = RunHeader(config.name, run_id, batches.shape[0], batches.shape[1], len(trainer.test_data),
                        seed=run_seed(config, run_id), curriculum_kind=config.curriculum.kind,
-                       config_hash=config_hash(config.to_dict()), code_version=code_version())
+                       config_hash=config_hash(config.identity()), code_version=code_version())
     writer = LossShardWriter(warehouse.shard_root, header, flush_every=config.flush_every)
     writer.write_batches(batches)
     return trainer.run(batches, header.seed, writer, on_step=on_step)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from simfluence.momentum import OptimizerSpec
 from storage.warehouse import NAME_PATTERN
 
 
@@ -62,7 +63,11 @@ class DataConfig:
 class TrainingConfig:
     """``method``: ``full``, ``lora`` or ``prompt_tuning`` (peft). ``freeze_embeddings`` and
     ``frozen_layers`` (the first k layers) apply to full fine-tuning. ``schedule``: ``constant``
-    or ``linear`` decay after ``warmup_steps``. Dropout is off by default, for determinism."""
+    or ``linear`` decay after ``warmup_steps``. Dropout is off by default, for determinism.
+
+    ``optimizer``: ``adamw`` (``betas``, ``eps``) or ``sgd`` (heavy-ball ``momentum``, 0 for
+    plain SGD). The optimizer is part of the experiment: the simulators take the momentum
+    kernel (how long one batch keeps moving the weights) from it."""
 
     method: Literal["full", "lora", "prompt_tuning"] = "full"
     freeze_embeddings: bool = False
@@ -70,7 +75,11 @@ class TrainingConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     prompt_tokens: int = 8
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     learning_rate: float = 5e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.0
     weight_decay: float = 0.0
     schedule: Literal["constant", "linear"] = "constant"
     warmup_steps: int = 0
@@ -120,6 +129,19 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict[str, Any]:
+        """The fields that differ from their defaults, nested like :meth:`to_dict`: what the
+        config hash covers, so that adding a field with a default keeps existing experiments'
+        hashes (and their runs) valid."""
+        return _non_defaults(self.to_dict(), dataclasses.asdict(ExperimentConfig()))
+
+    def optimizer_spec(self) -> OptimizerSpec:
+        """The training optimizer as the simulators see it (kind and momentum)."""
+        t = self.training
+        if t.optimizer == "adamw":
+            return OptimizerSpec("adam", float(t.betas[0]))
+        return OptimizerSpec("sgd", float(t.momentum))
+
     def validate(self, where: str = "config") -> ExperimentConfig:
         """Check values (not only types); returns self."""
         def need(ok: bool, name: str, message: str) -> None:
@@ -131,6 +153,10 @@ class ExperimentConfig:
         t, d, c = self.training, self.data, self.curriculum
         need(t.learning_rate > 0, "training.learning_rate", "must be positive")
         need(t.weight_decay >= 0, "training.weight_decay", "must be non-negative")
+        need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "training.betas",
+             f"must be two numbers in [0, 1), got {t.betas}")
+        need(t.eps > 0, "training.eps", "must be positive")
+        need(0 <= t.momentum < 1, "training.momentum", f"must lie in [0, 1), got {t.momentum}")
         need(t.batch_size >= 1, "training.batch_size", "must be at least 1")
         need(t.steps >= 1, "training.steps", "must be at least 1")
         need(t.frozen_layers >= 0, "training.frozen_layers", "must be non-negative")
@@ -187,6 +213,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "gradients": {"checkpoint_steps": [0, 32, 64], "projection_dim": 512},
     },
 }
+
+
+def _non_defaults(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            nested = _non_defaults(value, default)
+            if nested:
+                out[key] = nested
+        elif value != default:
+            out[key] = value
+    return out
 
 
 def preset(name: str) -> ExperimentConfig:

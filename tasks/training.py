@@ -102,6 +102,32 @@ class Trainer:
                  for s in range(0, len(self.test_data), size)]
         return torch.cat(parts).double().cpu().numpy()
 
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The configured optimizer over the trainable parameters (fresh state)."""
+        t = self.config.training
+        if t.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters, lr=t.learning_rate, betas=tuple(t.betas), eps=t.eps,
+                                     weight_decay=t.weight_decay)
+        return torch.optim.SGD(self.parameters, lr=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay)
+
+    def adam_preconditioner(self) -> torch.Tensor | None:
+        """``float[p]`` Adam's per-parameter step scale 1 / (sqrt(v_hat) + eps) of the current
+        run's optimizer state (flat, in :attr:`parameters` order); ``None`` for SGD or before
+        the first update."""
+        optimizer = getattr(self, "optimizer", None)
+        if not isinstance(optimizer, torch.optim.AdamW):
+            return None
+        beta2, eps = self.config.training.betas[1], self.config.training.eps
+        parts = []
+        for p in self.parameters:
+            state = optimizer.state.get(p)
+            if not state:
+                return None
+            step = float(state["step"])
+            v_hat = state["exp_avg_sq"] / (1 - beta2**step)
+            parts.append((1.0 / (v_hat.sqrt() + eps)).reshape(-1))
+        return torch.cat(parts)
+
     def learning_rate_schedule(self, steps: int) -> np.ndarray:
         """``float64[steps]``: the learning rate of each update."""
         t = self.config.training
@@ -125,7 +151,8 @@ class Trainer:
         self.reset()
         torch.manual_seed(seed)
         t = self.config.training
-        optimiser = torch.optim.AdamW(self.parameters, lr=t.learning_rate, weight_decay=t.weight_decay)
+        optimiser = self.make_optimizer()
+        self.optimizer = optimiser
         rates = self.learning_rate_schedule(T)
         losses = np.full((T + 1, len(self.test_data)), np.nan)
 
