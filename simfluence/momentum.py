@@ -408,7 +408,7 @@ class SimfluenceMomentum(Simulator):
                       test_ids=test_ids)
         simulator._prepare(stub)
         simulator.chosen = Candidate("global", "none", None)
-        simulator.params = _empty_params(n, len(test_ids), scale=np.array([scale]))
+        simulator.params = _empty_params(n, len(test_ids), np.array([scale]), "global")
         simulator.shrink_factor = 1.0
         simulator.step_change = np.zeros((1, len(test_ids)))
         return simulator
@@ -417,9 +417,11 @@ class SimfluenceMomentum(Simulator):
 # ---- the exact solves ------------------------------------------------------------------------
 
 
-def _empty_params(n: int, m: int, scale: np.ndarray) -> dict[str, np.ndarray]:
+def _empty_params(n: int, m: int, scale: np.ndarray, prior: PriorMode = "none") -> dict[str, np.ndarray]:
+    """Parameters with no effect but the prior's: A, B ``[n, m]``, intercepts ``[1, m]``."""
     zeros = np.zeros((1, m))
-    return {"A": np.zeros((n, m)), "B": np.zeros((n, m)), "alpha0": zeros, "beta0": zeros.copy(), "scale": scale}
+    return {"A": np.zeros((n, m)), "B": np.zeros((n, m)), "alpha0": zeros, "beta0": zeros.copy(), "scale": scale,
+            "prior_mode": np.array([PRIOR_MODES.index(prior)])}
 
 
 def _fit_path(runs: RunSet, Z: np.ndarray, G: np.ndarray, candidates: list[Candidate]):
@@ -462,8 +464,8 @@ def _fit_path(runs: RunSet, Z: np.ndarray, G: np.ndarray, candidates: list[Candi
                 scale = _ratio(np.sum(PG * projector.apply(residual), axis=(0, 1)), np.sum(PG * PG, axis=(0, 1)))
                 residual = residual - scale[None, None, :] * G
             alpha0, beta0 = projector.intercepts(residual)
-            params = _empty_params(n, m, scale)
-            params.update(A=A, B=B, prior_mode=np.array([PRIOR_MODES.index(c.prior)]))
+            params = _empty_params(n, m, scale, c.prior)
+            params.update(A=A, B=B)
             if alpha0 is not None:
                 params.update(alpha0=alpha0, beta0=beta0)
             yield c, params

@@ -409,7 +409,7 @@ class SimfluenceLinear(Simulator):
         if any(type(p) is not type(first) or p.n_train != first.n_train or p.fitted_intercept != first.fitted_intercept
                for p in parts):
             raise SimulatorError("only shards of one simulator (same class, runs and intercept) can be joined")
-        whole = cls.from_hyperparameters(first.hyperparameters())
+        whole = type(first).from_hyperparameters(first.hyperparameters())
         whole.n_train = first.n_train
         whole.test_ids = np.concatenate([p.test_ids for p in parts])
         whole.fitted_intercept = first.fitted_intercept
@@ -558,16 +558,42 @@ class _GradientSimulator(Simulator):
 
 
 class TracInCP(_GradientSimulator):
-    """TracIn-CP: effect of example i on test j at checkpoint k is <grad l(z_i), grad l(z_j)>."""
+    """TracIn-CP: the effect of example i on test j at checkpoint k is <grad l(z_i), grad l(z_j)>.
+
+    Args:
+        form: ``latest`` (each step uses the latest checkpoint at or before it) or ``sum``
+            (the paper's TracIn-CP score, the sum over checkpoints, here averaged so that one
+            occurrence of an example moves the loss by one step's worth whenever it appears).
+        preconditioned: use the training gradients scaled by Adam's step scale (stored when
+            training used Adam): the Adam-aware TracIn-CP; plain gradients otherwise.
+    """
 
     method = "tracin_cp"
 
+    def __init__(self, gradients: GradientCheckpoints | None = None, rescaled: bool = False,
+                 form: Literal["latest", "sum"] = "latest", preconditioned: bool = False) -> None:
+        super().__init__(gradients, rescaled)
+        if form not in ("latest", "sum"):
+            raise SimulatorError(f"form must be 'latest' or 'sum', got {form!r}")
+        if preconditioned and gradients is not None and gradients.train_grads_preconditioned is None:
+            raise SimulatorError("preconditioned TracIn-CP needs Adam-preconditioned gradients (training with AdamW)")
+        self.form = form
+        self.preconditioned = preconditioned
+
     def _effects(self, gradients: GradientCheckpoints) -> np.ndarray:
-        return np.einsum("knd,kmd->knm", gradients.train_grads, gradients.test_grads)
+        dots = gradients.dots(preconditioned=self.preconditioned)
+        return dots.mean(axis=0, keepdims=True) if self.form == "sum" else dots
+
+    def _effect_steps(self, gradients: GradientCheckpoints) -> np.ndarray:
+        return np.zeros(1, dtype=np.int64) if self.form == "sum" else gradients.steps.copy()
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {**super().hyperparameters(), "form": self.form, "preconditioned": self.preconditioned}
 
     @classmethod
     def from_hyperparameters(cls, hp: dict[str, Any]) -> TracInCP:
-        simulator = cls(rescaled=hp["rescaled"])
+        simulator = cls(rescaled=hp["rescaled"], form=hp.get("form", "latest"),
+                        preconditioned=hp.get("preconditioned", False))
         simulator.scale, simulator.batch_size = hp["scale"], hp["batch_size"]
         return simulator
 
@@ -576,25 +602,44 @@ class InfluenceFunction(_GradientSimulator):
     """Influence functions: effect g_j^T (H + damping I)^-1 g_i at one checkpoint, H the damped
     Gauss-Newton matrix on projected gradients (given, or the empirical Fisher G^T G / n).
 
+    A Gauss-Newton matrix estimated from n examples has rank at most n; in d > n/2 projected
+    dimensions it is rank-deficient and the inverse is set by the damping alone. The gradients
+    and H are therefore projected once more, by a seeded Gaussian map, to ``projection_dim``
+    dimensions (default ``min(d, n // 2)``), where H is well estimated.
+
     Args:
         checkpoint: which checkpoint's gradients to use (default the last).
         damping: added to H's diagonal, relative to trace(H)/d.
+        projection_dim: dimensions of the second projection (0: none; None: ``min(d, n // 2)``).
+        seed: seed of the second projection.
     """
 
     method = "influence_function"
 
-    def __init__(self, gradients: GradientCheckpoints | None = None, rescaled: bool = False,
-                 checkpoint: int = -1, damping: float = 1e-3) -> None:
+    def __init__(self, gradients: GradientCheckpoints | None = None, rescaled: bool = True,
+                 checkpoint: int = -1, damping: float = 1e-3, projection_dim: int | None = None,
+                 seed: int = 0) -> None:
         super().__init__(gradients, rescaled)
         if not damping > 0:
             raise SimulatorError(f"damping must be positive, got {damping!r}")
+        if projection_dim is not None and projection_dim < 0:
+            raise SimulatorError(f"projection_dim must be non-negative, got {projection_dim!r}")
         self.checkpoint = checkpoint
         self.damping = damping
+        self.projection_dim = projection_dim
+        self.seed = seed
 
     def _effects(self, gradients: GradientCheckpoints) -> np.ndarray:
         k = self.checkpoint
-        train, test = gradients.train_grads[k], gradients.test_grads[k]
+        train = np.asarray(gradients.train_grads[k], dtype=np.float64)
+        test = np.asarray(gradients.test_grads[k], dtype=np.float64)
         curvature = gradients.curvature(k)
+        n, d = train.shape
+        dim = min(d, max(1, n // 2)) if self.projection_dim is None else self.projection_dim
+        if 0 < dim < d:
+            projection = np.random.default_rng(self.seed).normal(0.0, 1.0 / np.sqrt(dim), (d, dim))
+            train, test = train @ projection, test @ projection
+            curvature = projection.T @ curvature @ projection
         d = curvature.shape[0]
         damped = curvature + self.damping * (np.trace(curvature) / d + 1e-12) * np.eye(d)
         scores = train @ np.linalg.solve(damped, test.T)  # [n, m]
@@ -604,10 +649,12 @@ class InfluenceFunction(_GradientSimulator):
         return np.zeros(1, dtype=np.int64)
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {**super().hyperparameters(), "checkpoint": self.checkpoint, "damping": self.damping}
+        return {**super().hyperparameters(), "checkpoint": self.checkpoint, "damping": self.damping,
+                "projection_dim": self.projection_dim, "seed": self.seed}
 
     @classmethod
     def from_hyperparameters(cls, hp: dict[str, Any]) -> InfluenceFunction:
-        simulator = cls(rescaled=hp["rescaled"], checkpoint=hp["checkpoint"], damping=hp["damping"])
+        simulator = cls(rescaled=hp["rescaled"], checkpoint=hp["checkpoint"], damping=hp["damping"],
+                        projection_dim=hp.get("projection_dim", 0), seed=hp.get("seed", 0))
         simulator.scale, simulator.batch_size = hp["scale"], hp["batch_size"]
         return simulator

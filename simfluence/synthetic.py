@@ -132,6 +132,7 @@ def momentum_runs(
     residual: float = 0.01,
     noise: float = 0.002,
     seed: int = 0,
+    batches: np.ndarray | None = None,
 ) -> tuple[RunSet, GradientCheckpoints, MomentumTruth]:
     """Runs whose loss changes are a batch's effect spread over later steps by the optimizer's
     momentum kernel: ``L_t - L_{t-1} = beta0_t + sum_u k(t,u) sum_{i in c_u} (B_i - scale *
@@ -144,7 +145,7 @@ def momentum_runs(
     dots = train @ test.T
     B = rng.normal(0.0, residual, (n, m))
     beta0 = rng.normal(-0.01, 0.005, (steps, m))
-    batches = uniform(n, runs, steps, batch_size, seed=seed + 1)
+    batches = uniform(n, runs, steps, batch_size, seed=seed + 1) if batches is None else np.asarray(batches)
     counts = count_matrix(batches, n).toarray().reshape(runs, steps, n)
     effect = counts @ (B - scale * learning_rate / batch_size * dots)  # [R, T, m]
     change = beta0[None] + optimizer.filter(effect) + noise * rng.standard_normal((runs, steps, m))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import duckdb
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each migration takes the schema from version i to i + 1; index 0 creates version 1.
 MIGRATIONS: list[str] = [
@@ -176,6 +176,28 @@ MIGRATIONS: list[str] = [
         FROM simulators s JOIN evaluations ev USING (experiment, version)
         GROUP BY s.experiment, s.version, s.method, s.created_at
         ORDER BY s.experiment, all_steps_mse;
+    """,
+    # 2: Adam-preconditioned training gradients (split 'train_preconditioned'); each run's
+    # optimizer, read from its experiment's config (runs of one experiment share the config).
+    """
+    CREATE TABLE projected_gradients_v2 (
+        experiment      VARCHAR NOT NULL,
+        checkpoint_step INTEGER NOT NULL,
+        split           VARCHAR NOT NULL CHECK (split IN ('train', 'test', 'train_preconditioned')),
+        example_id      INTEGER NOT NULL,
+        gradient        FLOAT[] NOT NULL,
+        PRIMARY KEY (experiment, checkpoint_step, split, example_id)
+    );
+    INSERT INTO projected_gradients_v2 SELECT * FROM projected_gradients;
+    DROP TABLE projected_gradients;
+    ALTER TABLE projected_gradients_v2 RENAME TO projected_gradients;
+    CREATE VIEW run_optimizers AS
+        SELECT r.experiment, r.run_id,
+               coalesce(json_extract_string(e.config_json, '$.training.optimizer'), 'adamw') AS optimizer,
+               CAST(json_extract(e.config_json, '$.training.learning_rate') AS DOUBLE) AS learning_rate,
+               coalesce(CAST(json_extract(e.config_json, '$.training.betas[0]') AS DOUBLE), 0.9) AS adam_beta1,
+               coalesce(CAST(json_extract(e.config_json, '$.training.momentum') AS DOUBLE), 0.0) AS sgd_momentum
+        FROM runs r JOIN experiments e USING (experiment);
     """,
 ]
 

@@ -137,10 +137,7 @@ class ExperimentConfig:
 
     def optimizer_spec(self) -> OptimizerSpec:
         """The training optimizer as the simulators see it (kind and momentum)."""
-        t = self.training
-        if t.optimizer == "adamw":
-            return OptimizerSpec("adam", float(t.betas[0]))
-        return OptimizerSpec("sgd", float(t.momentum))
+        return optimizer_spec(dataclasses.asdict(self.training))
 
     def validate(self, where: str = "config") -> ExperimentConfig:
         """Check values (not only types); returns self."""
@@ -213,6 +210,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "gradients": {"checkpoint_steps": [0, 32, 64], "projection_dim": 512},
     },
 }
+
+
+def optimizer_spec(training: dict[str, Any]) -> OptimizerSpec:
+    """The optimizer of a ``training`` config section (a stored config may predate the
+    optimizer fields: their defaults, AdamW with beta1 0.9, apply)."""
+    defaults = TrainingConfig()
+    if training.get("optimizer", defaults.optimizer) == "adamw":
+        return OptimizerSpec("adam", float(training.get("betas", defaults.betas)[0]))
+    return OptimizerSpec("sgd", float(training.get("momentum", defaults.momentum)))
 
 
 def _non_defaults(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

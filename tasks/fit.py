@@ -14,6 +14,7 @@ judged on, and versions fitted at different times can be compared on the same he
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,24 +28,63 @@ from storage import registry
 from storage.experiments import load_gradients, load_runset
 from storage.warehouse import Warehouse, WarehouseError, fetch_one
 from tasks.collect import complete_runs
+from tasks.config import optimizer_spec
 
-LINEAR_FAMILY: dict[str, Callable[[], sf.SimfluenceLinear]] = {
-    "simfluence_linear": lambda: sf.SimfluenceLinear(intercept="cv"),
-    "simfluence_linear_paper": lambda: sf.SimfluenceLinear(parametrization="paper", intercept="cv"),
-    "simfluence_additive": lambda: sf.SimfluenceAdditive(intercept="cv"),
-    "simfluence_multiplicative": lambda: sf.SimfluenceMultiplicative(intercept="cv"),
-}
-GRADIENT_METHODS: dict[str, Callable[[sf.GradientCheckpoints], sf.Simulator]] = {
-    "tracin_cp": lambda g: sf.TracInCP(g),
-    "tracin_cp_rescaled": lambda g: sf.TracInCP(g, rescaled=True),
-    "influence_function_rescaled": lambda g: sf.InfluenceFunction(g, rescaled=True),
-}
-BASELINES: dict[str, Callable[[], sf.Simulator]] = {
-    "mean_trajectory": sf.MeanTrajectory,
-    "constant": sf.Constant,
-}
-ALL_METHODS = [*LINEAR_FAMILY, *GRADIENT_METHODS, *BASELINES]
-PRIMARY = "simfluence_linear"
+@dataclass(frozen=True)
+class FitContext:
+    """What a method may need beyond the runs: the experiment's gradient checkpoints (None
+    when none are stored) and its training optimizer."""
+
+    gradients: sf.GradientCheckpoints | None
+    optimizer: sf.OptimizerSpec
+
+
+@dataclass(frozen=True)
+class Method:
+    """One fittable method: its name (the bundle's alias is ``latest-<name with dashes>``), a
+    label for tables, how to build it unfitted, and how it is fitted.
+
+    ``sharded``: cross-validated and fitted in shards of test examples on Dask (the
+    Simfluence-Linear family, whose test examples are independent problems). ``needs``:
+    ``gradients`` (any checkpoints) or ``preconditioned`` (Adam-preconditioned ones)."""
+
+    name: str
+    label: str
+    build: Callable[[FitContext], sf.Simulator]
+    sharded: bool = False
+    needs: str | None = None
+
+    @property
+    def alias(self) -> str:
+        return f"latest-{self.name.replace('_', '-')}"
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("simfluence_momentum", "Simfluence-Momentum (gradient prior, CV by MSE)",
+           lambda c: sf.SimfluenceMomentum(c.optimizer, c.gradients)),
+    Method("simfluence_momentum_spearman", "Simfluence-Momentum (gradient prior, CV by ranking)",
+           lambda c: sf.SimfluenceMomentum(c.optimizer, c.gradients, select="spearman")),
+    Method("simfluence_linear", "Simfluence-Linear (paper model)",
+           lambda c: sf.SimfluenceLinear(intercept="cv"), sharded=True),
+    Method("simfluence_linear_paper", "Simfluence-Linear, paper parametrisation",
+           lambda c: sf.SimfluenceLinear(parametrization="paper", intercept="cv"), sharded=True),
+    Method("simfluence_additive", "Simfluence-Additive", lambda c: sf.SimfluenceAdditive(intercept="cv"), sharded=True),
+    Method("simfluence_multiplicative", "Simfluence-Multiplicative",
+           lambda c: sf.SimfluenceMultiplicative(intercept="cv"), sharded=True),
+    Method("tracin_cp", "TracIn-CP (latest checkpoint)", lambda c: sf.TracInCP(c.gradients), needs="gradients"),
+    Method("tracin_cp_rescaled", "TracIn-CP, rescaled", lambda c: sf.TracInCP(c.gradients, rescaled=True),
+           needs="gradients"),
+    Method("tracin_cp_sum_rescaled", "TracIn-CP, sum over checkpoints, rescaled",
+           lambda c: sf.TracInCP(c.gradients, rescaled=True, form="sum"), needs="gradients"),
+    Method("tracin_cp_adam_rescaled", "TracIn-CP, Adam-preconditioned, rescaled",
+           lambda c: sf.TracInCP(c.gradients, rescaled=True, preconditioned=True), needs="preconditioned"),
+    Method("influence_function_rescaled", "Influence functions, rescaled",
+           lambda c: sf.InfluenceFunction(c.gradients, rescaled=True), needs="gradients"),
+    Method("mean_trajectory", "Mean trajectory (curriculum-blind)", lambda c: sf.MeanTrajectory()),
+    Method("constant", "Constant (no learning)", lambda c: sf.Constant()),
+]}
+ALL_METHODS = list(METHODS)
+PRIMARY = "simfluence_momentum"
 
 
 class FitError(ValueError):
@@ -94,14 +134,20 @@ def dask_client(address: str | None, n_workers: int = 2) -> Iterator:
             yield client
 
 
+def _linear(method: str) -> sf.SimfluenceLinear:
+    simulator = METHODS[method].build(FitContext(None, sf.OptimizerSpec()))
+    assert isinstance(simulator, sf.SimfluenceLinear)
+    return simulator
+
+
 def _shard_cv_errors(method: str, runs: RunSet, tests: np.ndarray) -> np.ndarray:
-    simulator = LINEAR_FAMILY[method]()
+    simulator = _linear(method)
     simulator.threads = 1
     return simulator.cross_validation_errors(runs.select_tests(tests))
 
 
 def _shard_fit(method: str, runs: RunSet, tests: np.ndarray, intercept: str, l2) -> sf.SimfluenceLinear:
-    simulator = LINEAR_FAMILY[method]()
+    simulator = _linear(method)
     simulator.threads = 1
     penalty = l2 if np.ndim(l2) == 0 else np.asarray(l2)[tests]
     return simulator.fit_with(runs.select_tests(tests), intercept, penalty)
@@ -113,7 +159,7 @@ def fit_linear_on_dask(client, method: str, runs: RunSet, shard_size: int) -> sf
     scattered = client.scatter(runs, broadcast=True)
     errors = client.gather(client.map(_shard_cv_errors, [method] * len(shards), [scattered] * len(shards), shards,
                                       pure=False))
-    chooser = LINEAR_FAMILY[method]()
+    chooser = _linear(method)
     intercept, l2 = chooser.choose(np.concatenate(errors, axis=2))
     parts = client.gather(client.map(_shard_fit, [method] * len(shards), [scattered] * len(shards), shards,
                                      [intercept] * len(shards), [l2] * len(shards), pure=False))
@@ -141,20 +187,28 @@ def fit_and_publish(
     if unknown:
         raise FitError(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
     with warehouse.reader() as con:
-        row = fetch_one(con, "SELECT config_hash FROM experiments WHERE experiment = ?", [experiment])
+        row = fetch_one(con, "SELECT config_hash, config_json FROM experiments WHERE experiment = ?", [experiment])
     if row is None:
         raise WarehouseError(f"unknown experiment {experiment!r}")
     config_hash = row[0]
+    optimizer = optimizer_spec(json.loads(row[1]).get("training", {}))
     fit_ids, held_ids = split_runs(np.array(sorted(complete_runs(warehouse, experiment)), dtype=np.int64),
                                    heldout_every)
     fitting = load_runset(warehouse, experiment, run_ids=fit_ids)
     gradients = None
-    if any(m in GRADIENT_METHODS for m in methods):
+    if any(METHODS[m].needs or m.startswith("simfluence_momentum") for m in methods):
         try:
             gradients = load_gradients(warehouse, experiment)
         except WarehouseError as error:
-            log(f"skipping the gradient baselines: {error}")
-            methods = [m for m in methods if m not in GRADIENT_METHODS]
+            log(f"no gradient checkpoints, so no gradient baselines or gradient prior: {error}")
+    available = {None, "gradients", "preconditioned"} if gradients is not None else {None}
+    if gradients is not None and gradients.train_grads_preconditioned is None:
+        available.discard("preconditioned")
+    skipped = [m for m in methods if METHODS[m].needs not in available]
+    if skipped:
+        log(f"skipping {', '.join(skipped)}: the experiment has no {METHODS[skipped[0]].needs} gradients")
+    methods = [m for m in methods if m not in skipped]
+    context = FitContext(gradients, optimizer)
     digest = data_hash(fitting)
     published = []
     with dask_client(dask_address, n_workers) as client:
@@ -162,14 +216,12 @@ def fit_and_publish(
             f"{fitting.n_tests} test examples, Dask {client.scheduler.address}")
         for method in methods:
             start = time.perf_counter()
-            if method in LINEAR_FAMILY:
+            if METHODS[method].sharded:
                 simulator = fit_linear_on_dask(client, method, fitting, shard_size)
-            elif method in GRADIENT_METHODS:
-                simulator = GRADIENT_METHODS[method](gradients).fit(fitting)
             else:
-                simulator = BASELINES[method]().fit(fitting)
+                simulator = METHODS[method].build(context).fit(fitting)
             seconds = time.perf_counter() - start
-            aliases = (f"latest-{method.replace('_', '-')}",) + (("latest",) if method == PRIMARY else ())
+            aliases = (METHODS[method].alias,) + (("latest",) if method == PRIMARY else ())
             info = registry.publish(warehouse, experiment, simulator, fit_run_ids=fit_ids, heldout_run_ids=held_ids,
                                     data_hash=digest, config_hash=config_hash, aliases=aliases, name=method)
             log(f"  {method}: version {info.version} in {seconds:.1f} s")

@@ -196,3 +196,38 @@ def test_frozen_prefix_cache_gives_the_same_losses(tiny, overrides):
     assert cached.prefix is not None and plain.prefix is None
     curriculum = curriculum_for_run(config, 0)
     np.testing.assert_allclose(cached.run(curriculum, 0).losses, plain.run(curriculum, 0).losses, rtol=1e-5, atol=1e-6)
+
+
+def test_tracin_first_order_prediction_matches_one_real_sgd_step(tiny):
+    """One real SGD update of the tiny model changes each test loss by what TracIn predicts to
+    first order, -(lr / b) sum_{i in batch} <g_i, g_j> (exact gradients, no projection)."""
+    from tasks.gradients import CountSketch, projected_gradients
+
+    config = from_dict(_merge(PRESETS["tiny"], {"training": {"optimizer": "sgd", "learning_rate": 1e-4},
+                                                "gradients": {"projection_dim": 0}}))
+    trainer = Trainer(config, tiny[1])
+    trainer.reset()
+    identity = CountSketch(trainer.n_trainable, 0, seed=0)
+    train_grads = projected_gradients(trainer, trainer.train_data, identity)[0].astype(np.float64)
+    test_grads = projected_gradients(trainer, trainer.test_data, identity)[0].astype(np.float64)
+    batch = curriculum_for_run(config, 0)[:1]
+    outcome = trainer.run(batch, seed=0)
+    actual = outcome.losses[1] - outcome.losses[0]
+    ids = batch[0][batch[0] >= 0]
+    predicted = -config.training.learning_rate / len(ids) * (train_grads[ids] @ test_grads.T).sum(axis=0)
+    assert np.abs(actual).max() > 1e-4  # the step moved the losses measurably
+    np.testing.assert_allclose(actual, predicted, rtol=0.05, atol=0.02 * np.abs(actual).max())
+    assert np.corrcoef(actual, predicted)[0, 1] > 0.99
+
+
+def test_adam_preconditioned_gradients_are_stored_with_adamw(tiny, tmp_path):
+    config, _ = tiny
+    wh = Warehouse(tmp_path / "warehouse.duckdb")
+    collect(config, 2, wh)
+    grads = load_gradients(wh, "tiny")
+    assert grads.train_grads_preconditioned is not None
+    assert grads.train_grads_preconditioned.shape == grads.train_grads.shape
+    assert not np.allclose(grads.dots(preconditioned=True), grads.dots())
+    sgd = from_dict(_merge(PRESETS["tiny"], {"name": "tiny-sgd", "training": {"optimizer": "sgd", "momentum": 0.9}}))
+    collect(sgd, 2, wh)
+    assert load_gradients(wh, "tiny-sgd").train_grads_preconditioned is None
