@@ -161,7 +161,8 @@ def score_all(simulators: dict, fitting, heldout) -> list[dict]:
             row["chosen"] = simulator.chosen.label() + f" shrink={simulator.shrink_factor:.2f}"
         rows.append(row)
     mean_mse = next(r["all_steps_mse"] for r in rows if r["method"] == "mean_trajectory")
-    tracin_rho = max(r["spearman_across_runs"] for r in rows if r["method"].startswith("tracin_cp"))
+    tracin_rho = max((r["spearman_across_runs"] for r in rows if r["method"].startswith("tracin_cp")),
+                     default=float("nan"))
     for row in rows:
         row["mse_vs_mean_trajectory"] = row["all_steps_mse"] / mean_mse
         row["spearman_vs_best_tracin"] = row["spearman_across_runs"] / tracin_rho
@@ -224,7 +225,21 @@ def main() -> None:
                                  "tracin_cp_adam_rescaled", "mean_trajectory")}
             curve.append({"fitting_runs": k, "rows": score_all(chosen, subset, heldout)})
             print_table(f"-- {name}: runs curve, {k} fitting runs", curve[-1]["rows"])
-        results["regimes"][name] = {"leaderboard": rows, "curve": curve}
+        checkpoints = []
+        steps = data.gradients.steps
+        for every in (CHECKPOINT_EVERY, 2 * CHECKPOINT_EVERY, None):
+            index = np.arange(len(steps)) if every == CHECKPOINT_EVERY else (
+                np.flatnonzero(steps % every == 0) if every else np.array([0]))
+            subset = data.gradients.select_checkpoints(index)
+            scored = score_all({"simfluence_momentum": sf.SimfluenceMomentum(data.optimizer, subset),
+                                "mean_trajectory": sf.MeanTrajectory()}, fit_pool, heldout)
+            row = next(r for r in scored if r["method"] == "simfluence_momentum")
+            checkpoints.append({"checkpoint_steps": steps[index].tolist(), **row})
+        print(f"-- {name}: what the number of checkpoints buys (simfluence_momentum, {fit_pool.n_runs} fitting runs)")
+        for row in checkpoints:
+            print(f"  checkpoints at {row['checkpoint_steps']}: MSE {row['all_steps_mse']:.5f} "
+                  f"({row['mse_vs_mean_trajectory']:.2f}x mean trajectory), Spearman {row['spearman_across_runs']:.3f}")
+        results["regimes"][name] = {"leaderboard": rows, "curve": curve, "checkpoints": checkpoints}
     if args.unseen and args.unseen in collected:
         data = collected[args.unseen]
         n = data.gradients.train_grads.shape[1]

@@ -362,7 +362,8 @@ def _add_whatif(sub: argparse._SubParsersAction) -> None:
             ("report", cmd_report, "write a self-contained HTML report of an experiment")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--experiment", required=True)
-        p.add_argument("--ref", default="latest", help="a version or alias (latest, best, latest-<method>)")
+        p.add_argument("--ref", default="best", help="a version or alias (default best: the evaluated simulator with "
+                       "the lowest held-out MSE; also latest, latest-<method>)")
         p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
         p.set_defaults(handler=handler)
         if name == "report":

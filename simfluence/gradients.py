@@ -83,6 +83,14 @@ class GradientCheckpoints:
             train = self.train_grads_preconditioned
         return np.einsum("knd,kmd->knm", np.asarray(train, dtype=np.float64), np.asarray(self.test_grads, dtype=np.float64))
 
+    def select_checkpoints(self, index: list[int] | np.ndarray) -> GradientCheckpoints:
+        """The same gradients at a subset of the checkpoints (positions, not steps)."""
+        index = np.asarray(index, dtype=np.int64)
+        pick = lambda a: None if a is None else np.asarray(a)[index]  # noqa: E731
+        return GradientCheckpoints(self.steps[index], self.learning_rates, pick(self.train_grads),
+                                   pick(self.test_grads), self.batch_size, pick(self.curvatures),
+                                   pick(self.train_grads_preconditioned))
+
     def curvature(self, k: int) -> np.ndarray:
         """``float64[d, d]`` curvature at checkpoint k (empirical Fisher if none was stored)."""
         if self.curvatures is not None:

@@ -137,6 +137,13 @@ def _set_alias(con, experiment: str, alias: str, version: str) -> None:
     )
 
 
+def alias_version(warehouse: Warehouse, experiment: str, alias: str) -> str | None:
+    """The version ``alias`` points at, or None when the experiment has no such alias."""
+    with warehouse.reader() as con:
+        row = fetch_one(con, "SELECT version FROM aliases WHERE experiment = ? AND alias = ?", [experiment, alias])
+    return None if row is None else row[0]
+
+
 def set_alias(warehouse: Warehouse, experiment: str, alias: str, version: str) -> None:
     """Point ``alias`` (e.g. ``best`` or a user name) at an existing version."""
     check_name(alias, "alias")

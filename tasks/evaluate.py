@@ -23,6 +23,7 @@ import simfluence as sf  # noqa: E402
 from storage import registry  # noqa: E402
 from storage.experiments import load_runset  # noqa: E402
 from storage.warehouse import Warehouse  # noqa: E402
+from tasks.fit import METHODS  # noqa: E402
 
 METRIC_LABELS = {
     "all_steps_mse": "all-steps MSE (lower is better)",
@@ -132,6 +133,14 @@ def markdown_report(experiment: str, scores: pl.DataFrame, files: list[Path]) ->
     return "\n".join(lines) + "\n"
 
 
+def best_version(scores: pl.DataFrame) -> str | None:
+    """The version with the lowest held-out all-steps MSE among the methods that depend on the
+    curriculum (the curriculum-blind baselines answer every what-if with zero); None if none."""
+    blind = {"mean_trajectory", "constant"}
+    rows = scores.filter((pl.col("metric") == "all_steps_mse") & ~pl.col("method").is_in(list(blind)))
+    return None if rows.is_empty() else rows.sort("value")["version"][0]
+
+
 def evaluate_and_report(warehouse: Warehouse, experiment: str, refs: list[str] | None = None,
                         n_boot: int = 1000) -> Evaluation:
     """Evaluate the versions (default: the newest of every method), plot, write the report."""
@@ -139,9 +148,14 @@ def evaluate_and_report(warehouse: Warehouse, experiment: str, refs: list[str] |
     if not refs:
         raise registry.RegistryError(f"experiment {experiment!r} has no published simulators; run the fit first")
     scores = evaluate(warehouse, experiment, refs, n_boot=n_boot)
+    if registry.alias_version(warehouse, experiment, "best") is None:
+        best = best_version(scores)
+        if best is not None:
+            registry.set_alias(warehouse, experiment, "best", best)
     report_dir = warehouse.home / "reports" / experiment
     report_dir.mkdir(parents=True, exist_ok=True)
-    shown = [ref for ref in refs if any(k in ref for k in ("simfluence-linear", "tracin-cp-rescaled", "mean-trajectory"))]
+    plotted = {METHODS[name].alias for name in ("simfluence_momentum", "tracin_cp_rescaled", "mean_trajectory")}
+    shown = [ref for ref in refs if ref in plotted]
     files = [plot_metrics(scores, report_dir / "metrics.png"),
              plot_trajectories(warehouse, experiment, shown or refs[:3], report_dir / "trajectories.png")]
     (report_dir / "leaderboard.md").write_text(markdown_report(experiment, scores, files))

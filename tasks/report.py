@@ -50,7 +50,7 @@ def _image(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def build_report(warehouse: Warehouse, experiment: str, ref: str = "latest", out: str | Path | None = None,
+def build_report(warehouse: Warehouse, experiment: str, ref: str = "best", out: str | Path | None = None,
                  top: int = 15, pairs: int = 6, step: Callable[[str], None] = lambda stage: None) -> Path:
     """Write the report (default ``<home>/reports/<experiment>/report.html``) and return its path."""
     out = Path(out) if out else warehouse.home / "reports" / experiment / "report.html"

@@ -36,7 +36,7 @@ class Question:
     observed: np.ndarray | None
 
 
-def ask(warehouse: Warehouse, experiment: str, ref: str = "latest", run: int | None = None,
+def ask(warehouse: Warehouse, experiment: str, ref: str = "best", run: int | None = None,
         curriculum_path: str | None = None) -> Question:
     """Load the simulator ``ref`` of ``experiment`` and a base: observed run ``run`` (default: the
     first held-out run of the simulator), or the first curriculum in ``curriculum_path`` started
