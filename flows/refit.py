@@ -1,14 +1,15 @@
 """refit: scheduled re-fitting that acts only when new complete runs exist.
 
 It fits and evaluates every method when complete runs were added since the ``latest`` version
-was fitted (``latest`` moves with the fit), and moves ``best`` to the new Simfluence-Linear
-version only when its held-out MSE beats the current ``best`` on the same held-out runs.
-Otherwise it is a no-op that says so.
+was fitted (``latest`` moves with the fit), and moves ``best`` to the new version with the
+lowest held-out MSE among the curriculum-aware methods only when it beats the current ``best``
+on the same held-out runs. Otherwise it is a no-op that says so.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 from prefect import flow, get_run_logger
 
 from flows.common import warehouse as open_warehouse
@@ -16,8 +17,8 @@ from flows.evaluate import evaluate_simulators
 from flows.fit import fit_simulators
 from storage import registry
 from tasks.collect import complete_runs
-from tasks.evaluate import evaluate
-from tasks.fit import PRIMARY, FitError, split_runs
+from tasks.evaluate import best_version, evaluate
+from tasks.fit import FitError, split_runs
 
 
 @flow(name="refit", log_prints=True)
@@ -43,8 +44,13 @@ def refit(experiment: str = "demo", methods: list[str] | None = None, heldout_ev
     published = fit_simulators(experiment, methods, heldout_every, dask_address, warehouse=warehouse)
     evaluation = evaluate_simulators(experiment, [f"latest-{p['method'].replace('_', '-')}" for p in published],
                                      n_boot, warehouse)
-    new = next(p["version"] for p in published if p["method"] == PRIMARY)
-    new_mse = next(s["value"] for s in evaluation["scores"] if s["version"] == new and s["metric"] == "all_steps_mse")
+    scores = pl.DataFrame(evaluation["scores"])
+    new = best_version(scores)
+    latest_version = _alias(wh, experiment, "latest")
+    if new is None:
+        logger.info("no curriculum-aware method was fitted; best stays where it is")
+        return {"refit": True, "latest": latest_version, "best": _alias(wh, experiment, "best"), "moved_best": False}
+    new_mse = scores.filter((pl.col("version") == new) & (pl.col("metric") == "all_steps_mse"))["value"][0]
     best = _alias(wh, experiment, "best")
     moved = best is None
     if best is not None and best != new:
@@ -56,7 +62,7 @@ def refit(experiment: str = "demo", methods: list[str] | None = None, heldout_ev
     if moved:
         registry.set_alias(wh, experiment, "best", new)
         logger.info(f"best -> {new}")
-    return {"refit": True, "latest": new, "best": new if moved else best, "moved_best": moved}
+    return {"refit": True, "latest": latest_version, "best": new if moved else best, "moved_best": moved}
 
 
 def _alias(wh, experiment: str, alias: str) -> str | None:

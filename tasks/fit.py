@@ -180,7 +180,9 @@ def fit_and_publish(
 ) -> list[Published]:
     """Fit each method on the fitting runs of the experiment and publish it to the registry.
 
-    Every version gets the alias ``latest-<method>``; the primary method also ``latest``.
+    Every version gets the alias ``latest-<method>``. ``latest`` goes to the primary method
+    (Simfluence-Momentum) when it is fitted, else to the first Simfluence method fitted, else
+    to the first method.
     """
     methods = list(methods or ALL_METHODS)
     unknown = [m for m in methods if m not in ALL_METHODS]
@@ -209,6 +211,7 @@ def fit_and_publish(
         log(f"skipping {', '.join(skipped)}: the experiment has no {METHODS[skipped[0]].needs} gradients")
     methods = [m for m in methods if m not in skipped]
     context = FitContext(gradients, optimizer)
+    primary = PRIMARY if PRIMARY in methods else next((m for m in methods if m.startswith("simfluence")), methods[0])
     digest = data_hash(fitting)
     published = []
     with dask_client(dask_address, n_workers) as client:
@@ -221,7 +224,7 @@ def fit_and_publish(
             else:
                 simulator = METHODS[method].build(context).fit(fitting)
             seconds = time.perf_counter() - start
-            aliases = (METHODS[method].alias,) + (("latest",) if method == PRIMARY else ())
+            aliases = (METHODS[method].alias,) + (("latest",) if method == primary else ())
             info = registry.publish(warehouse, experiment, simulator, fit_run_ids=fit_ids, heldout_run_ids=held_ids,
                                     data_hash=digest, config_hash=config_hash, aliases=aliases, name=method)
             log(f"  {method}: version {info.version} in {seconds:.1f} s")
