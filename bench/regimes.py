@@ -38,7 +38,7 @@ REGIMES: dict[str, dict] = {
     "sgd-m0.9-3e-3": {"optimizer": "sgd", "momentum": 0.9, "learning_rate": 3e-3},
     "sgd-m0.9-1e-2": {"optimizer": "sgd", "momentum": 0.9, "learning_rate": 1e-2},
 }
-CHECKPOINT_EVERY = 5
+CHECKPOINT_EVERY = 5  # the demo preset's checkpoint spacing
 UNSEEN_COUNT = 8
 
 
@@ -58,8 +58,6 @@ def regime_config(name: str):
     data = json.loads(json.dumps(PRESETS["demo"]))
     data["name"] = f"regime-{name}"
     data["training"].update(REGIMES[name])
-    steps = data["training"]["steps"]
-    data["gradients"]["checkpoint_steps"] = list(range(0, steps, CHECKPOINT_EVERY))
     return from_dict(data, f"regime {name}")
 
 

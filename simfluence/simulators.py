@@ -69,6 +69,13 @@ class Simulator(ABC):
     @abstractmethod
     def _fit(self, runs: RunSet) -> None: ...
 
+    def refit(self, runs: RunSet) -> Simulator:
+        """A new simulator of this method fitted on ``runs`` with every choice this one's
+        cross-validation made held fixed (no cross-validation): cheap, and the unit of the
+        bootstrap intervals of :mod:`simfluence.whatif`. ``runs`` must have the same test
+        examples."""
+        return type(self).from_hyperparameters(self.hyperparameters()).fit(runs)
+
     # ---- simulation ----------------------------------------------------------------------
 
     @abstractmethod
@@ -401,6 +408,10 @@ class SimfluenceLinear(Simulator):
                                        solver=self.solver, threads=self.threads))
         return self
 
+    def refit(self, runs: RunSet) -> SimfluenceLinear:
+        return type(self).from_hyperparameters(self.hyperparameters()).fit_with(
+            runs, self.fitted_intercept, self.fitted_l2 if np.all(np.isfinite(self.fitted_l2)) else 1.0)
+
     @classmethod
     def concatenate(cls, parts: list[SimfluenceLinear]) -> SimfluenceLinear:
         """One simulator from simulators fitted on disjoint shards of test examples (same runs,
@@ -534,6 +545,16 @@ class _GradientSimulator(Simulator):
         if denominator == 0:
             raise SimulatorError(f"{self.method}: every gradient effect is zero; cannot fit a scale")
         return self.scale * numerator / denominator
+
+    def refit(self, runs: RunSet) -> _GradientSimulator:
+        """The same effect tables; only the rescaled variant's global scale is refitted."""
+        new = type(self).from_hyperparameters(self.hyperparameters())
+        new.n_train, new.test_ids = runs.n_train, runs.test_ids.copy()
+        new._restore(self.parameters())
+        new.scale = 1.0
+        if self.rescaled:
+            new.scale = new._fit_scale(runs)
+        return new
 
     def _coefficients(self, step_counts, step, dtype):
         k = max(0, int(np.searchsorted(self.checkpoint_steps, step, side="right")) - 1)

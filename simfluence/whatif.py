@@ -17,7 +17,7 @@ import polars as pl
 
 from simfluence import curricula
 from simfluence.curricula import CurriculumError
-from simfluence.runset import PAD
+from simfluence.runset import PAD, RunSet
 from simfluence.simulators import Simulator, SimulatorError
 
 EDIT_HELP = (
@@ -181,3 +181,86 @@ def order_effects(simulator: Simulator, curriculum: np.ndarray, initial_loss: np
     late = _final(simulator, [curricula.move(curriculum, c, T) for c in present], initial_loss, positions)
     return pl.DataFrame({"example_id": present, "final_if_early": early, "final_if_late": late,
                          "order_effect": late - early}).sort(pl.col("order_effect").abs(), descending=True)
+
+
+def bootstrap_refits(simulator: Simulator, runs: RunSet, n: int = 30, seed: int = 0) -> list[Simulator]:
+    """``n`` refits of ``simulator`` (its choices held fixed, see :meth:`Simulator.refit`) on
+    bootstrap resamples of whole fitting runs: the spread of any answer across them is the
+    answer's uncertainty from the finite number of runs."""
+    if n < 2:
+        raise SimulatorError(f"bootstrap needs at least 2 refits, got {n}")
+    rng = np.random.default_rng(seed)
+    refits = []
+    for _ in range(n):
+        index = rng.integers(0, runs.n_runs, runs.n_runs)
+        refits.append(simulator.refit(RunSet(runs.batches[index], runs.losses[index], runs.n_train,
+                                             test_ids=runs.test_ids)))  # repeated runs get fresh run ids
+    return refits
+
+
+@dataclass(frozen=True)
+class Effects:
+    """Expected leave-one-out effects on the final loss, averaged over base curricula.
+
+    ``effect``: ``float[n, m]`` (final loss with the example minus without it, nats: negative
+    means it helped), NaN for examples in no base curriculum; ``ci_low``, ``ci_high``:
+    ``float[n, m]`` percentile intervals over bootstrap refits (NaN without refits);
+    ``n_curricula``: ``int[n]`` how many base curricula held each example."""
+
+    effect: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    n_curricula: np.ndarray
+    level: float
+
+    def table(self, test_ids: np.ndarray) -> pl.DataFrame:
+        """Long form: ``train_id, test_id, effect, ci_low, ci_high, n_curricula`` (seen examples)."""
+        n, m = self.effect.shape
+        seen = np.flatnonzero(self.n_curricula > 0)
+        return pl.DataFrame({
+            "train_id": np.repeat(seen, m), "test_id": np.tile(np.asarray(test_ids), len(seen)),
+            "effect": self.effect[seen].reshape(-1), "ci_low": self.ci_low[seen].reshape(-1),
+            "ci_high": self.ci_high[seen].reshape(-1), "n_curricula": np.repeat(self.n_curricula[seen], m),
+        })
+
+
+def _loo_effects(simulator: Simulator, base: np.ndarray, initial_loss: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """``float[n, m]`` sum over base curricula of (final with i - final without i), per example."""
+    n = simulator.n_train
+    total = np.zeros((n, len(simulator.test_ids)))
+    for k, curriculum in enumerate(base):
+        ids = np.unique(curriculum[curriculum != PAD])
+        many = [curriculum] + [curricula.remove(curriculum, [i]) for i in ids]
+        finals = []
+        for start in range(0, len(many), chunk):
+            part = stack(many[start:start + chunk])
+            finals.append(simulator.simulate(part, np.repeat(initial_loss[k][None], len(part), axis=0))[:, -1])
+        finals = np.concatenate(finals)
+        total[ids] += finals[0][None] - finals[1:]
+    return total
+
+
+def effects(simulator: Simulator, base: np.ndarray, initial_loss: np.ndarray,
+            refits: list[Simulator] | None = None, level: float = 0.95) -> Effects:
+    """The expected leave-one-out effect of every training example on every test example's
+    final loss, averaged over the base curricula that hold it (``base: int[K, T, b]``, from
+    ``initial_loss: float[K, m]``), with a percentile interval over ``refits`` (see
+    :func:`bootstrap_refits`). Costs one batched simulation of every (curriculum, removed
+    example) per simulator."""
+    base = np.asarray(base)
+    initial_loss = np.asarray(initial_loss, dtype=np.float64)
+    if base.ndim != 3 or initial_loss.shape != (base.shape[0], len(simulator.test_ids)):
+        raise SimulatorError(f"effects need base curricula [K, T, b] and initial losses [K, m]; got {base.shape} "
+                             f"and {initial_loss.shape}")
+    counts = np.zeros(simulator.n_train, dtype=np.int64)
+    for curriculum in base:
+        counts[np.unique(curriculum[curriculum != PAD])] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = _loo_effects(simulator, base, initial_loss) / counts[:, None]
+        low = high = np.full_like(mean, np.nan)
+        if refits:
+            draws = np.stack([_loo_effects(r, base, initial_loss) / counts[:, None] for r in refits])
+            alpha = (1 - level) / 2
+            low, high = np.quantile(draws, alpha, axis=0), np.quantile(draws, 1 - alpha, axis=0)
+    mean[counts == 0] = np.nan
+    return Effects(mean, low, high, counts, level)
