@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.shards import LossShardWriter, RunHeader
-from tasks.collect import curriculum_for_run, run_seed
-from tasks.config import PRESETS, _merge, from_dict, preset
-from tasks.data import load_examples
-from tasks.training import Trainer
+from simfluence_platform.storage.shards import LossShardWriter, RunHeader
+from simfluence_platform.tasks.collect import curriculum_for_run, run_seed
+from simfluence_platform.tasks.config import PRESETS, _merge, from_dict, preset
+from simfluence_platform.tasks.data import load_examples
+from simfluence_platform.tasks.training import Trainer
 
 
 def timed_run(trainer: Trainer, batches: np.ndarray, seed: int, root: Path, run_id: int) -> float:

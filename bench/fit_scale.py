@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import simfluence as sf
-from tasks.fit import _shard_fit, dask_client
+from simfluence_platform.tasks.fit import _shard_fit, dask_client
 
 
 def main() -> None:

@@ -22,10 +22,10 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from storage.experiments import register_experiment
-from storage.ingest import ingest
-from storage.shards import LossShardWriter, RunHeader
-from storage.warehouse import Warehouse
+from simfluence_platform.storage.experiments import register_experiment
+from simfluence_platform.storage.ingest import ingest
+from simfluence_platform.storage.shards import LossShardWriter, RunHeader
+from simfluence_platform.storage.warehouse import Warehouse
 
 
 def median_seconds(fn, repeats: int = 20) -> float:

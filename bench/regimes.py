@@ -53,7 +53,7 @@ class Collected:
 
 
 def regime_config(name: str):
-    from tasks.config import PRESETS, from_dict
+    from simfluence_platform.tasks.config import PRESETS, from_dict
 
     data = json.loads(json.dumps(PRESETS["demo"]))
     data["name"] = f"regime-{name}"
@@ -76,10 +76,10 @@ def collect(name: str, runs: int, cache: Path, unseen: bool = False) -> Collecte
             batches, losses = data["batches"], data["losses"]
         have = len(batches)
     if have < runs or not grads_path.exists():
-        from tasks.collect import curriculum_for_run, run_seed
-        from tasks.data import load_examples
-        from tasks.gradients import gradient_checkpoints
-        from tasks.training import Trainer
+        from simfluence_platform.tasks.collect import curriculum_for_run, run_seed
+        from simfluence_platform.tasks.data import load_examples
+        from simfluence_platform.tasks.gradients import gradient_checkpoints
+        from simfluence_platform.tasks.training import Trainer
 
         trainer = Trainer(config, load_examples(config.data, config.model.task))
         new_batches, new_losses = [], []
@@ -114,7 +114,7 @@ def unseen_ids(n: int) -> np.ndarray:
 def unseen_curriculum(config, run_id: int) -> np.ndarray:
     """A uniform curriculum over the training examples other than :func:`unseen_ids`."""
     from simfluence import curricula
-    from tasks.collect import run_seed
+    from simfluence_platform.tasks.collect import run_seed
 
     n, t = config.data.n_train, config.training
     allowed = np.setdiff1d(np.arange(n), unseen_ids(n))

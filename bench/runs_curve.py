@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 import simfluence as sf
-from storage.experiments import load_gradients, load_runset
-from storage.warehouse import Warehouse
-from tasks.collect import complete_runs
-from tasks.fit import split_runs
+from simfluence_platform.storage.experiments import load_gradients, load_runset
+from simfluence_platform.storage.warehouse import Warehouse
+from simfluence_platform.tasks.collect import complete_runs
+from simfluence_platform.tasks.fit import split_runs
 
 
 def main() -> None:

@@ -15,10 +15,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import experiment_config, warehouse as open_warehouse
-from flows.ingest import ingest_shards
-from tasks.collect import collect, complete_runs, has_gradients, prepare, register, store_reference_gradients
-from tasks.config import ExperimentConfig
+from simfluence_platform.flows.common import experiment_config, warehouse as open_warehouse
+from simfluence_platform.flows.ingest import ingest_shards
+from simfluence_platform.tasks.collect import collect, complete_runs, has_gradients, prepare, register, store_reference_gradients
+from simfluence_platform.tasks.config import ExperimentConfig
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from storage.warehouse import Warehouse
-from tasks.config import ExperimentConfig, load_config, preset as preset_config
+from simfluence_platform.storage.warehouse import Warehouse
+from simfluence_platform.tasks.config import ExperimentConfig, load_config, preset as preset_config
 
 
 def experiment_config(preset: str | None, config_path: str | None) -> ExperimentConfig:

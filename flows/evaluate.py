@@ -7,9 +7,9 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 import simfluence as sf
-from flows.collect import artifact_key
-from flows.common import warehouse as open_warehouse
-from tasks.evaluate import evaluate_and_report
+from simfluence_platform.flows.collect import artifact_key
+from simfluence_platform.flows.common import warehouse as open_warehouse
+from simfluence_platform.tasks.evaluate import evaluate_and_report
 
 
 @task(name="evaluate-and-report", cache_policy=NO_CACHE)

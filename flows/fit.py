@@ -6,9 +6,9 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.collect import artifact_key
-from flows.common import warehouse as open_warehouse
-from tasks.fit import fit_and_publish
+from simfluence_platform.flows.collect import artifact_key
+from simfluence_platform.flows.common import warehouse as open_warehouse
+from simfluence_platform.tasks.fit import fit_and_publish
 
 
 @task(name="fit-and-publish", cache_policy=NO_CACHE)

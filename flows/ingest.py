@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 
-from flows.common import warehouse as open_warehouse
-from storage.ingest import ingest
+from simfluence_platform.flows.common import warehouse as open_warehouse
+from simfluence_platform.storage.ingest import ingest
 
 
 @task(name="ingest-shards", retries=2, retry_delay_seconds=5)

@@ -12,13 +12,13 @@ import numpy as np
 import polars as pl
 from prefect import flow, get_run_logger
 
-from flows.common import warehouse as open_warehouse
-from flows.evaluate import evaluate_simulators
-from flows.fit import fit_simulators
-from storage import registry
-from tasks.collect import complete_runs
-from tasks.evaluate import best_version, evaluate
-from tasks.fit import FitError, split_runs
+from simfluence_platform.flows.common import warehouse as open_warehouse
+from simfluence_platform.flows.evaluate import evaluate_simulators
+from simfluence_platform.flows.fit import fit_simulators
+from simfluence_platform.storage import registry
+from simfluence_platform.tasks.collect import complete_runs
+from simfluence_platform.tasks.evaluate import best_version, evaluate
+from simfluence_platform.tasks.fit import FitError, split_runs
 
 
 @flow(name="refit", log_prints=True)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.common import experiment_config, warehouse as open_warehouse
-from storage.experiments import config_hash
-from tasks.collect import train_run as train_one
-from tasks.data import load_examples
+from simfluence_platform.flows.common import experiment_config, warehouse as open_warehouse
+from simfluence_platform.storage.experiments import config_hash
+from simfluence_platform.tasks.collect import train_run as train_one
+from simfluence_platform.tasks.data import load_examples
 
 
 @flow(name="train-run", log_prints=True, flow_run_name="train-run-{run_id}", retries=1, retry_delay_seconds=10)
@@ -19,7 +19,7 @@ def train_run(run_id: int, preset: str | None = "demo", config_path: str | None 
               warehouse: str | None = None) -> dict:
     """Train run ``run_id`` of the experiment and stream its losses as shards. A crashed run is
     retried once: the retry is a new attempt that replaces the earlier one's shards."""
-    from tasks.training import Trainer
+    from simfluence_platform.tasks.training import Trainer
 
     config = experiment_config(preset, config_path)
     trainer = Trainer(config, load_examples(config.data, config.model.task))

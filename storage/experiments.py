@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from simfluence.gradients import GradientCheckpoints
 from simfluence.runset import PAD, RunSet
-from storage.warehouse import Warehouse, WarehouseError, check_name, fetch_one
+from simfluence_platform.storage.warehouse import Warehouse, WarehouseError, check_name, fetch_one
 
 EXAMPLE_COLUMNS = ("example_id", "text", "label")
 

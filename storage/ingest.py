@@ -19,8 +19,8 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 
-from storage.shards import BATCH_SCHEMA, HEADER_NAME, LOSS_SCHEMA, RunHeader, read_marker
-from storage.warehouse import Warehouse, fetch_one
+from simfluence_platform.storage.shards import BATCH_SCHEMA, HEADER_NAME, LOSS_SCHEMA, RunHeader, read_marker
+from simfluence_platform.storage.warehouse import Warehouse, fetch_one
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from simfluence.simulators import Simulator, load_simulator
-from storage.warehouse import Warehouse, WarehouseError, check_name, fetch_one
+from simfluence_platform.storage.warehouse import Warehouse, WarehouseError, check_name, fetch_one
 
 MANIFEST = "manifest.json"
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from simfluence_platform.errors import UserError
 
 LOSS_SCHEMA = pa.schema([("step", pa.int32()), ("test_id", pa.int32()), ("loss", pa.float64())])
 BATCH_SCHEMA = pa.schema([("step", pa.int32()), ("position", pa.int32()), ("example_id", pa.int32())])
@@ -35,7 +36,7 @@ HEADER_NAME = "run.json"
 MARKER_NAME = "marker.json"
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """Raised when a run cannot be written (already complete, bad arguments)."""
 
 

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
+from simfluence_platform.errors import UserError
 
 SCHEMA_VERSION = 2
 
@@ -202,7 +203,7 @@ MIGRATIONS: list[str] = [
 ]
 
 
-class WarehouseError(RuntimeError):
+class WarehouseError(UserError, RuntimeError):
     """Raised for an unusable warehouse file (newer schema, unreadable, locked too long)."""
 
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from simfluence import curricula
-from storage.experiments import config_hash, register_experiment, store_gradients
-from storage.ingest import ingest
-from storage.registry import code_version
-from storage.shards import LossShardWriter, RunHeader
-from storage.warehouse import Warehouse
-from tasks.config import ExperimentConfig
-from tasks.data import Examples, load_examples
+from simfluence_platform.storage.experiments import config_hash, register_experiment, store_gradients
+from simfluence_platform.storage.ingest import ingest
+from simfluence_platform.storage.registry import code_version
+from simfluence_platform.storage.shards import LossShardWriter, RunHeader
+from simfluence_platform.storage.warehouse import Warehouse
+from simfluence_platform.tasks.config import ExperimentConfig
+from simfluence_platform.tasks.data import Examples, load_examples
 
 
 @dataclass
@@ -89,8 +89,8 @@ def prepare(config: ExperimentConfig, runs: int) -> Examples:
 
 def store_reference_gradients(config: ExperimentConfig, warehouse: Warehouse, trainer=None) -> None:
     """Compute and store the gradient checkpoints of the experiment's reference run."""
-    from tasks.gradients import gradient_checkpoints
-    from tasks.training import Trainer
+    from simfluence_platform.tasks.gradients import gradient_checkpoints
+    from simfluence_platform.tasks.training import Trainer
 
     trainer = trainer or Trainer(config, load_examples(config.data, config.model.task))
     store_gradients(warehouse, config.name, gradient_checkpoints(config, trainer))
@@ -106,7 +106,7 @@ def collect(config: ExperimentConfig, runs: int, warehouse: Warehouse, gradients
     written. A run that raises is retried up to ``retries`` times (as a new attempt, which
     replaces the old one: never a duplicate). ``progress(done, total)`` follows every run.
     """
-    from tasks.training import Trainer  # torch and transformers load only when training
+    from simfluence_platform.tasks.training import Trainer  # torch and transformers load only when training
 
     summary = CollectSummary(config.name)
     examples = prepare(config, runs)

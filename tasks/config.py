@@ -20,10 +20,11 @@ from typing import Any, Literal
 import yaml
 
 from simfluence.momentum import OptimizerSpec
-from storage.warehouse import NAME_PATTERN
+from simfluence_platform.storage.warehouse import NAME_PATTERN
+from simfluence_platform.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An invalid config; the message names the file and field."""
 
 

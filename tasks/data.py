@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from tasks.config import DataConfig
+from simfluence_platform.tasks.config import DataConfig
+from simfluence_platform.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """An unusable dataset; the message names the file, column or row."""
 
 

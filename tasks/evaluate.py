@@ -20,10 +20,10 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 import simfluence as sf  # noqa: E402
-from storage import registry  # noqa: E402
-from storage.experiments import load_runset  # noqa: E402
-from storage.warehouse import Warehouse  # noqa: E402
-from tasks.fit import METHODS  # noqa: E402
+from simfluence_platform.storage import registry  # noqa: E402
+from simfluence_platform.storage.experiments import load_runset  # noqa: E402
+from simfluence_platform.storage.warehouse import Warehouse  # noqa: E402
+from simfluence_platform.tasks.fit import METHODS  # noqa: E402
 
 METRIC_LABELS = {
     "all_steps_mse": "all-steps MSE (lower is better)",

@@ -24,11 +24,12 @@ import numpy as np
 
 import simfluence as sf
 from simfluence.runset import RunSet
-from storage import registry
-from storage.experiments import load_gradients, load_runset
-from storage.warehouse import Warehouse, WarehouseError, fetch_one
-from tasks.collect import complete_runs
-from tasks.config import optimizer_spec
+from simfluence_platform.storage import registry
+from simfluence_platform.storage.experiments import load_gradients, load_runset
+from simfluence_platform.storage.warehouse import Warehouse, WarehouseError, fetch_one
+from simfluence_platform.tasks.collect import complete_runs
+from simfluence_platform.tasks.config import optimizer_spec
+from simfluence_platform.errors import UserError
 
 @dataclass(frozen=True)
 class FitContext:
@@ -87,7 +88,7 @@ ALL_METHODS = list(METHODS)
 PRIMARY = "simfluence_momentum"
 
 
-class FitError(ValueError):
+class FitError(UserError, ValueError):
     """A fit that cannot be done (unknown method, too few runs)."""
 
 

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from simfluence.gradients import GradientCheckpoints
-from tasks.collect import curriculum_for_run, run_seed
-from tasks.config import ExperimentConfig
-from tasks.model import Encoded
-from tasks.training import Trainer
+from simfluence_platform.tasks.collect import curriculum_for_run, run_seed
+from simfluence_platform.tasks.config import ExperimentConfig
+from simfluence_platform.tasks.model import Encoded
+from simfluence_platform.tasks.training import Trainer
 
 
 class CountSketch:

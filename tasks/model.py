@@ -30,12 +30,13 @@ from transformers import (  # noqa: E402
     GPT2LMHeadModel,
 )
 
-from tasks.config import ExperimentConfig  # noqa: E402
+from simfluence_platform.tasks.config import ExperimentConfig  # noqa: E402
+from simfluence_platform.errors import UserError
 
 transformers.logging.set_verbosity_error()
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model that cannot be loaded or set up; the message names the source or field."""
 
 

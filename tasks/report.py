@@ -19,9 +19,9 @@ import numpy as np
 import polars as pl
 
 from simfluence import curricula, plots, whatif
-from storage.warehouse import Warehouse, WarehouseError
-from tasks.evaluate import method_aliases, plot_trajectories
-from tasks.whatif import ask
+from simfluence_platform.storage.warehouse import Warehouse, WarehouseError
+from simfluence_platform.tasks.evaluate import method_aliases, plot_trajectories
+from simfluence_platform.tasks.whatif import ask
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}

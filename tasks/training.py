@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from storage.shards import LossShardWriter
-from tasks.config import ExperimentConfig
-from tasks.data import Examples
-from tasks.model import Encoded, FrozenPrefix, encode, load_model, per_example_loss, resolve_device
+from simfluence_platform.storage.shards import LossShardWriter
+from simfluence_platform.tasks.config import ExperimentConfig
+from simfluence_platform.tasks.data import Examples
+from simfluence_platform.tasks.model import Encoded, FrozenPrefix, encode, load_model, per_example_loss, resolve_device
 
 
 @dataclass

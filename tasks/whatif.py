@@ -10,12 +10,13 @@ import polars as pl
 
 from simfluence import curricula
 from simfluence.simulators import Simulator, SimulatorError
-from storage import registry
-from storage.experiments import load_runset
-from storage.warehouse import Warehouse, WarehouseError, fetch_one
+from simfluence_platform.storage import registry
+from simfluence_platform.storage.experiments import load_runset
+from simfluence_platform.storage.warehouse import Warehouse, WarehouseError, fetch_one
+from simfluence_platform.errors import UserError
 
 
-class TableFormatError(ValueError):
+class TableFormatError(UserError, ValueError):
     """An output table with a suffix other than .csv or .parquet."""
 
 

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from storage.shards import LossShardWriter, RunHeader
+from simfluence_platform.storage.shards import LossShardWriter, RunHeader
 
 
 def synthetic_run(run_id: int, n_steps: int, n_tests: int, n_train: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 
 import json
 
-from simfluence.cli import main
+from simfluence_platform.cli import main
 
 
 def test_synthetic_json(capsys):

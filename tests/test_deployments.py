@@ -15,9 +15,9 @@ import polars as pl
 import pytest
 
 import simfluence as sf
-from storage.experiments import register_experiment
-from storage.shards import LossShardWriter, RunHeader
-from storage.warehouse import Warehouse
+from simfluence_platform.storage.experiments import register_experiment
+from simfluence_platform.storage.shards import LossShardWriter, RunHeader
+from simfluence_platform.storage.warehouse import Warehouse
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")

@@ -6,8 +6,8 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from storage import registry  # noqa: E402
-from storage.warehouse import Warehouse  # noqa: E402
+from simfluence_platform.storage import registry  # noqa: E402
+from simfluence_platform.storage.warehouse import Warehouse  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,10 +25,10 @@ def home(tmp_path_factory):
 
 
 def test_collect_fit_evaluate_refit(home):
-    from flows.collect import collect_runs
-    from flows.evaluate import evaluate_simulators
-    from flows.fit import fit_simulators
-    from flows.refit import refit
+    from simfluence_platform.flows.collect import collect_runs
+    from simfluence_platform.flows.evaluate import evaluate_simulators
+    from simfluence_platform.flows.fit import fit_simulators
+    from simfluence_platform.flows.refit import refit
 
     warehouse = str(home / "warehouse.duckdb")
     collected = collect_runs(preset="tiny", runs=10, warehouse=warehouse)
@@ -64,7 +64,7 @@ def test_collect_fit_evaluate_refit(home):
 def test_cli_pipeline_commands_run_their_flows(home, capsys):
     import json
 
-    from simfluence.cli import main
+    from simfluence_platform.cli import main
 
     warehouse = str(home / "warehouse.duckdb")  # filled by the test above
     assert main(["--json", "evaluate", "--experiment", "tiny", "--alias", "best", "--bootstrap", "20",
@@ -80,8 +80,8 @@ def test_cli_pipeline_commands_run_their_flows(home, capsys):
 def test_fit_on_a_dask_scheduler_address(home):
     from distributed import LocalCluster
 
-    from flows.collect import collect_runs
-    from flows.fit import fit_simulators
+    from simfluence_platform.flows.collect import collect_runs
+    from simfluence_platform.flows.fit import fit_simulators
 
     warehouse = str(home / "dask" / "warehouse.duckdb")
     collect_runs(preset="tiny", runs=10, warehouse=warehouse, gradients=False)
@@ -95,8 +95,8 @@ def test_fit_on_a_dask_scheduler_address(home):
 
 
 def test_bad_input_fails_the_flow_before_writing(home):
-    from flows.collect import collect_runs
-    from flows.fit import fit_simulators
+    from simfluence_platform.flows.collect import collect_runs
+    from simfluence_platform.flows.fit import fit_simulators
 
     with pytest.raises(ValueError, match="exactly one of preset and config_path"):
         collect_runs(preset=None, runs=2, warehouse=str(home / "x" / "w.duckdb"))

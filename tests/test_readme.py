@@ -7,11 +7,11 @@ import polars as pl
 import pytest
 
 import simfluence as sf
-from storage import registry
-from storage.experiments import register_experiment
-from storage.ingest import ingest
-from storage.shards import LossShardWriter, RunHeader
-from storage.warehouse import Warehouse
+from simfluence_platform.storage import registry
+from simfluence_platform.storage.experiments import register_experiment
+from simfluence_platform.storage.ingest import ingest
+from simfluence_platform.storage.shards import LossShardWriter, RunHeader
+from simfluence_platform.storage.warehouse import Warehouse
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 QUERIES = re.findall(r"```sql\n(.*?)```", README.read_text(), flags=re.S)
@@ -62,7 +62,7 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
 
 
 def test_readme_config_example_is_valid(tmp_path):
-    from tasks.config import load_config
+    from simfluence_platform.tasks.config import load_config
 
     example = re.search(r"```yaml\n(.*?)```", README.read_text(), flags=re.S).group(1)
     (tmp_path / "c.yaml").write_text(example)

@@ -9,12 +9,12 @@ from html.parser import HTMLParser
 import polars as pl
 import pytest
 
-from simfluence.cli import main
-from storage.warehouse import Warehouse
-from tasks.collect import collect
-from tasks.config import preset
-from tasks.evaluate import evaluate_and_report
-from tasks.fit import fit_and_publish
+from simfluence_platform.cli import main
+from simfluence_platform.storage.warehouse import Warehouse
+from simfluence_platform.tasks.collect import collect
+from simfluence_platform.tasks.config import preset
+from simfluence_platform.tasks.evaluate import evaluate_and_report
+from simfluence_platform.tasks.fit import fit_and_publish
 
 
 @pytest.fixture(scope="module")

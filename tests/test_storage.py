@@ -14,11 +14,11 @@ import polars as pl
 import pytest
 
 import simfluence as sf
-from storage import registry, warehouse as warehouse_module
-from storage.experiments import load_runset, register_experiment
-from storage.ingest import ingest
-from storage.shards import LossShardWriter, RunHeader, ShardError
-from storage.warehouse import Warehouse, WarehouseError, fetch_one
+from simfluence_platform.storage import registry, warehouse as warehouse_module
+from simfluence_platform.storage.experiments import load_runset, register_experiment
+from simfluence_platform.storage.ingest import ingest
+from simfluence_platform.storage.shards import LossShardWriter, RunHeader, ShardError
+from simfluence_platform.storage.warehouse import Warehouse, WarehouseError, fetch_one
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shard_writer_process import synthetic_run  # noqa: E402
@@ -259,7 +259,7 @@ def test_bad_experiments_are_refused(wh):
 
 
 def test_sql_command_reads_while_the_writer_lock_is_held(wh, capsys):
-    from simfluence.cli import main
+    from simfluence_platform.cli import main
 
     runs, _ = sf.synthetic.linear_runs(20, 5, 2, 6, 2, seed=0)
     write_run(wh, runs, 0)
@@ -277,15 +277,42 @@ def test_sql_command_reads_while_the_writer_lock_is_held(wh, capsys):
     assert "no warehouse here yet" in capsys.readouterr().err
 
 
-def test_the_science_imports_neither_duckdb_nor_prefect():
-    code = "import sys, simfluence, simfluence.cli; print('duckdb' in sys.modules or 'prefect' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert out.stdout.strip() == "False"
+def test_the_science_imports_nothing_of_the_platform(tmp_path):
+    """``import simfluence`` (and every module of it) loads neither Prefect, DuckDB, Dask nor
+    torch, and nothing in it imports the platform."""
+    modules = [p.stem for p in (ROOT / "simfluence").glob("*.py") if p.stem != "__init__"]
+    code = ("import sys, importlib, simfluence\n"
+            f"for name in {modules!r}: importlib.import_module('simfluence.' + name)\n"
+            "heavy = ('duckdb', 'prefect', 'dask', 'distributed', 'torch', 'transformers', 'simfluence_platform')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_users_own_tasks_and_flows_do_not_collide(tmp_path):
+    """From a folder holding its own ``tasks.py`` and ``flows/``, the installed platform and
+    the CLI still work, and no generic import name is installed."""
+    (tmp_path / "tasks.py").write_text("raise RuntimeError('the user tasks.py was imported')\n")
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "__init__.py").write_text("raise RuntimeError('the user flows/ was imported')\n")
+    (tmp_path / "storage.py").write_text("raise RuntimeError('the user storage.py was imported')\n")
+    code = ("import importlib.util, sys\n"
+            "user = sys.path.pop(0)  # the user's folder: nothing installed may answer to these names\n"
+            "print([importlib.util.find_spec(n) for n in ('tasks', 'flows', 'storage')])\n"
+            "sys.path.insert(0, user)  # and with it back first on the path, the platform still works\n"
+            "import simfluence_platform.tasks.fit, simfluence_platform.flows.fit, simfluence as sf\n"
+            "print(sf.RunSet.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert out.stdout.split() == ["[None,", "None,", "None]", "RunSet"]
+    cli = Path(sys.executable).parent / "simfluence"
+    sql = subprocess.run([str(cli), "--json", "sql", "SELECT 42 AS answer", "--warehouse", str(tmp_path / "w.duckdb")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert sql.returncode == 2 and "no warehouse here yet" in sql.stderr and "the user" not in sql.stderr
 
 
 @pytest.mark.parametrize("with_curvature", [False, True])
 def test_gradient_inputs_round_trip(wh, with_curvature):
-    from storage.experiments import load_gradients, store_gradients
+    from simfluence_platform.storage.experiments import load_gradients, store_gradients
 
     rng = np.random.default_rng(0)
     curvatures = rng.normal(size=(2, 4, 4)).astype(np.float32) if with_curvature else None

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import simfluence as sf
-from storage.experiments import load_gradients, load_runset
-from storage.warehouse import Warehouse
-from tasks.collect import collect, curriculum_for_run, train_run
-from tasks.config import ConfigError, PRESETS, _merge, from_dict, load_config, preset
-from tasks.data import DataError, load_examples
-from tasks.model import ModelError
-from tasks.training import Trainer
+from simfluence_platform.storage.experiments import load_gradients, load_runset
+from simfluence_platform.storage.warehouse import Warehouse
+from simfluence_platform.tasks.collect import collect, curriculum_for_run, train_run
+from simfluence_platform.tasks.config import ConfigError, PRESETS, _merge, from_dict, load_config, preset
+from simfluence_platform.tasks.data import DataError, load_examples
+from simfluence_platform.tasks.model import ModelError
+from simfluence_platform.tasks.training import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,7 @@ def test_frozen_prefix_cache_gives_the_same_losses(tiny, overrides):
 def test_tracin_first_order_prediction_matches_one_real_sgd_step(tiny):
     """One real SGD update of the tiny model changes each test loss by what TracIn predicts to
     first order, -(lr / b) sum_{i in batch} <g_i, g_j> (exact gradients, no projection)."""
-    from tasks.gradients import CountSketch, projected_gradients
+    from simfluence_platform.tasks.gradients import CountSketch, projected_gradients
 
     config = from_dict(_merge(PRESETS["tiny"], {"training": {"optimizer": "sgd", "learning_rate": 1e-4},
                                                 "gradients": {"projection_dim": 0}}))

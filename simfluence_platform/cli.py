@@ -30,8 +30,10 @@ from simfluence.simulators import (
     SimulatorError,
 )
 from simfluence.solvers import SolverError
+from simfluence_platform.errors import UserError
 
-USER_ERRORS = (RunSetError, SimulatorError, SolverError, CurriculumError, GradientError, FileNotFoundError)
+# Bad input: the science's own errors and the platform's UserError (one line, exit status 2).
+USER_ERRORS = (RunSetError, SimulatorError, SolverError, CurriculumError, GradientError, FileNotFoundError, UserError)
 
 
 def default_simulators(seed: int = 0) -> dict[str, Simulator]:
@@ -84,9 +86,9 @@ def cmd_synthetic(args: argparse.Namespace) -> dict:
 
 def cmd_demo(args: argparse.Namespace) -> dict:
     """The whole pipeline on the embedded default, in this process: collect, fit, evaluate."""
-    from flows.collect import collect_runs
-    from flows.evaluate import evaluate_simulators
-    from flows.fit import fit_simulators
+    from simfluence_platform.flows.collect import collect_runs
+    from simfluence_platform.flows.evaluate import evaluate_simulators
+    from simfluence_platform.flows.fit import fit_simulators
 
     collect_runs(preset="demo", runs=args.runs, warehouse=args.warehouse)
     fit_simulators(experiment="demo", warehouse=args.warehouse)
@@ -114,14 +116,14 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _warehouse(args: argparse.Namespace):
-    from storage.warehouse import Warehouse  # the science itself never imports DuckDB
+    from simfluence_platform.storage.warehouse import Warehouse  # the science itself never imports DuckDB
 
     return Warehouse(args.warehouse)
 
 
 def cmd_ingest(args: argparse.Namespace) -> dict:
     """Load new loss shards into the warehouse (the single writer): the ingest-losses flow."""
-    from flows.ingest import ingest_losses
+    from simfluence_platform.flows.ingest import ingest_losses
 
     report = ingest_losses(warehouse=args.warehouse, experiment=args.experiment)
     if not args.json:
@@ -155,7 +157,7 @@ def cmd_sql(args: argparse.Namespace) -> dict | None:
     return None
 
 
-class SqlError(ValueError):
+class SqlError(UserError, ValueError):
     """A query the warehouse refused."""
 
 
@@ -172,13 +174,13 @@ def _add_storage(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_sql)
 
 
-class ConfigChoiceError(ValueError):
+class ConfigChoiceError(UserError, ValueError):
     """Neither or both of --preset and --config."""
 
 
 def cmd_collect(args: argparse.Namespace) -> dict:
     """Fine-tune runs on sampled curricula and stream their losses: the collect-runs flow."""
-    from flows.collect import collect_runs
+    from simfluence_platform.flows.collect import collect_runs
 
     if (args.preset is None) == (args.config is None):
         raise ConfigChoiceError("give exactly one of --preset and --config")
@@ -194,7 +196,7 @@ def cmd_collect(args: argparse.Namespace) -> dict:
 
 def cmd_fit(args: argparse.Namespace) -> list:
     """Fit and publish simulators: the fit-simulators flow."""
-    from flows.fit import fit_simulators
+    from simfluence_platform.flows.fit import fit_simulators
 
     rows = fit_simulators(experiment=args.experiment, methods=args.methods.split(",") if args.methods else None,
                           heldout_every=args.heldout_every, dask_address=args.dask_address, n_workers=args.n_workers,
@@ -207,7 +209,7 @@ def cmd_fit(args: argparse.Namespace) -> list:
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
     """Score simulators on held-out runs: the evaluate-simulators flow."""
-    from flows.evaluate import evaluate_simulators
+    from simfluence_platform.flows.evaluate import evaluate_simulators
 
     refs = args.versions.split(",") if args.versions else ([args.alias] if args.alias else None)
     result = evaluate_simulators(experiment=args.experiment, refs=refs, n_boot=args.bootstrap, warehouse=args.warehouse)
@@ -219,7 +221,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
 
 def cmd_refit(args: argparse.Namespace) -> dict:
     """Refit and evaluate when new complete runs exist: the refit flow."""
-    from flows.refit import refit
+    from simfluence_platform.flows.refit import refit
 
     result = refit(experiment=args.experiment, heldout_every=args.heldout_every, dask_address=args.dask_address,
                    warehouse=args.warehouse)
@@ -268,7 +270,7 @@ def _tests(args: argparse.Namespace) -> list[int] | None:
 def cmd_whatif(args: argparse.Namespace) -> dict:
     """Simulate an observed run edited, beside the run itself and its plain simulation."""
     from simfluence import plots, whatif
-    from tasks.whatif import ask, trajectory_table, write_table
+    from simfluence_platform.tasks.whatif import ask, trajectory_table, write_table
 
     question = ask(_warehouse(args), args.experiment, args.ref, args.run, getattr(args, "curriculum", None))
     edited = whatif.apply_edits(question.curriculum, args.edit or [])
@@ -303,7 +305,7 @@ def cmd_whatif(args: argparse.Namespace) -> dict:
 def cmd_influence(args: argparse.Namespace) -> dict:
     """Rank training examples by leave-one-out effect; pair interactions; order effects."""
     from simfluence import plots, whatif
-    from tasks.whatif import ask, write_table
+    from simfluence_platform.tasks.whatif import ask, write_table
 
     question = ask(_warehouse(args), args.experiment, args.ref, args.run, args.curriculum)
     tests = _tests(args)
@@ -341,7 +343,7 @@ def cmd_influence(args: argparse.Namespace) -> dict:
 
 def cmd_report(args: argparse.Namespace) -> dict:
     """A self-contained HTML report of an experiment."""
-    from tasks.report import build_report
+    from simfluence_platform.tasks.report import build_report
 
     stages = ["coverage", "leaderboard", "trajectories", "influence"]
     bar = tqdm(total=len(stages), desc="report", disable=args.json, file=sys.stderr)
@@ -398,22 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """The exceptions that mean bad input: reported in one line with exit status 2."""
-    errors: tuple[type[Exception], ...] = USER_ERRORS + (SqlError, ConfigChoiceError)
-    for module, name in (("storage.warehouse", "WarehouseError"), ("tasks.config", "ConfigError"),
-                         ("tasks.data", "DataError"), ("tasks.model", "ModelError"), ("tasks.fit", "FitError"),
-                         ("tasks.whatif", "TableFormatError")):
-        if module in sys.modules:
-            errors += (getattr(sys.modules[module], name),)
-    return errors
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.handler(args)
-    except _user_errors() as error:
+    except USER_ERRORS as error:
         print(f"simfluence {args.command}: error: {error}", file=sys.stderr)
         return 2
     if args.json and result is not None:
