@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from simfluence_platform.storage.shards import LossShardWriter, RunHeader
-from simfluence_platform.tasks.collect import curriculum_for_run, run_seed
+from simfluence_platform.tasks.runs import curriculum_for_run, run_seed
 from simfluence_platform.tasks.config import PRESETS, _merge, from_dict, preset
 from simfluence_platform.tasks.data import load_examples
 from simfluence_platform.tasks.training import Trainer

@@ -76,7 +76,7 @@ def collect(name: str, runs: int, cache: Path, unseen: bool = False) -> Collecte
             batches, losses = data["batches"], data["losses"]
         have = len(batches)
     if have < runs or not grads_path.exists():
-        from simfluence_platform.tasks.collect import curriculum_for_run, run_seed
+        from simfluence_platform.tasks.runs import curriculum_for_run, run_seed
         from simfluence_platform.tasks.data import load_examples
         from simfluence_platform.tasks.gradients import gradient_checkpoints
         from simfluence_platform.tasks.training import Trainer
@@ -114,7 +114,7 @@ def unseen_ids(n: int) -> np.ndarray:
 def unseen_curriculum(config, run_id: int) -> np.ndarray:
     """A uniform curriculum over the training examples other than :func:`unseen_ids`."""
     from simfluence import curricula
-    from simfluence_platform.tasks.collect import run_seed
+    from simfluence_platform.tasks.runs import run_seed
 
     n, t = config.data.n_train, config.training
     allowed = np.setdiff1d(np.arange(n), unseen_ids(n))

@@ -21,7 +21,7 @@ import numpy as np
 import simfluence as sf
 from simfluence_platform.storage.experiments import load_gradients, load_runset
 from simfluence_platform.storage.warehouse import Warehouse
-from simfluence_platform.tasks.collect import complete_runs
+from simfluence_platform.storage.experiments import complete_run_ids
 from simfluence_platform.tasks.fit import split_runs
 
 
@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
     wh = Warehouse(args.warehouse)
-    run_ids = np.array(sorted(complete_runs(wh, args.experiment)), dtype=np.int64)
+    run_ids = np.array(sorted(complete_run_ids(wh, args.experiment)), dtype=np.int64)
     fit_ids, held_ids = split_runs(run_ids, 5)
     heldout = load_runset(wh, args.experiment, run_ids=held_ids)
     gradients = load_gradients(wh, args.experiment)

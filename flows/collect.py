@@ -17,7 +17,8 @@ from prefect.cache_policies import NO_CACHE
 
 from simfluence_platform.flows.common import experiment_config, warehouse as open_warehouse
 from simfluence_platform.flows.ingest import ingest_shards
-from simfluence_platform.tasks.collect import collect, complete_runs, has_gradients, prepare, register, store_reference_gradients
+from simfluence_platform.storage.experiments import complete_run_ids, has_gradients
+from simfluence_platform.tasks.collect import collect, prepare, register, store_reference_gradients
 from simfluence_platform.tasks.config import ExperimentConfig
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -56,7 +57,7 @@ def collect_runs(preset: str | None = "demo", config_path: str | None = None, ru
                                         description=f"collect-runs {config.name}: runs trained")
     if on_workers:
         register(config, wh, prepare(config, runs))
-        todo = [r for r in range(runs) if r not in complete_runs(wh, config.name)]
+        todo = [r for r in range(runs) if r not in complete_run_ids(wh, config.name)]
         results = _train_on_workers(config, preset, config_path, warehouse, todo, train_deployment, poll_seconds,
                                     progress)
         if gradients and not has_gradients(wh, config.name):
@@ -65,7 +66,7 @@ def collect_runs(preset: str | None = "demo", config_path: str | None = None, ru
         results = collect_in_process(config, runs, warehouse, gradients, run_retries, progress)
     ingest_shards(warehouse, config.name)
     update_progress_artifact(progress, 100.0)
-    complete = complete_runs(wh, config.name)
+    complete = complete_run_ids(wh, config.name)
     rows = [{"run_id": r, "status": results.get(r, {}).get("status", "complete" if r in complete else "missing"),
              "reason": results.get(r, {}).get("reason", "")} for r in range(runs)]
     create_table_artifact(key=artifact_key("runs", config.name), table=rows,

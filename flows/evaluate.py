@@ -10,6 +10,7 @@ import simfluence as sf
 from simfluence_platform.flows.collect import artifact_key
 from simfluence_platform.flows.common import warehouse as open_warehouse
 from simfluence_platform.tasks.evaluate import evaluate_and_report
+from simfluence_platform.tasks.steps import EVALUATE
 
 
 @task(name="evaluate-and-report", cache_policy=NO_CACHE)
@@ -21,7 +22,7 @@ def evaluate_task(warehouse: str | None, experiment: str, refs: list[str] | None
 
 
 @flow(name="evaluate-simulators", log_prints=True)
-def evaluate_simulators(experiment: str = "demo", refs: list[str] | None = None, n_boot: int = 1000,
+def evaluate_simulators(experiment: str = "demo", refs: list[str] | None = None, n_boot: int = EVALUATE.n_boot,
                         warehouse: str | None = None) -> dict:
     """Score versions or aliases (default: the newest of every method) on their held-out runs,
     record them in ``evaluations``, and publish the leaderboard, a markdown report and plots."""

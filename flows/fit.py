@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from simfluence_platform.flows.collect import artifact_key
 from simfluence_platform.flows.common import warehouse as open_warehouse
 from simfluence_platform.tasks.fit import fit_and_publish
+from simfluence_platform.tasks.steps import FIT
 
 
 @task(name="fit-and-publish", cache_policy=NO_CACHE)
@@ -20,8 +21,8 @@ def fit_task(warehouse: str | None, experiment: str, methods: list[str] | None, 
 
 
 @flow(name="fit-simulators", log_prints=True)
-def fit_simulators(experiment: str = "demo", methods: list[str] | None = None, heldout_every: int = 5,
-                   dask_address: str | None = None, n_workers: int = 2, shard_size: int = 64,
+def fit_simulators(experiment: str = "demo", methods: list[str] | None = None, heldout_every: int = FIT.heldout_every,
+                   dask_address: str | None = None, n_workers: int = FIT.n_workers, shard_size: int = FIT.shard_size,
                    warehouse: str | None = None) -> list[dict]:
     """Split the complete runs (every ``heldout_every``-th run id held out), fit each method
     (Simfluence variants in shards of test examples on Dask: a LocalCluster, or the scheduler at

@@ -16,17 +16,18 @@ from simfluence_platform.flows.common import warehouse as open_warehouse
 from simfluence_platform.flows.evaluate import evaluate_simulators
 from simfluence_platform.flows.fit import fit_simulators
 from simfluence_platform.storage import registry
-from simfluence_platform.tasks.collect import complete_runs
+from simfluence_platform.storage.experiments import complete_run_ids
 from simfluence_platform.tasks.evaluate import best_version, evaluate
 from simfluence_platform.tasks.fit import FitError, split_runs
+from simfluence_platform.tasks.steps import FIT, EVALUATE
 
 
 @flow(name="refit", log_prints=True)
-def refit(experiment: str = "demo", methods: list[str] | None = None, heldout_every: int = 5,
-          dask_address: str | None = None, n_boot: int = 1000, warehouse: str | None = None) -> dict:
+def refit(experiment: str = "demo", methods: list[str] | None = None, heldout_every: int = FIT.heldout_every,
+          dask_address: str | None = None, n_boot: int = EVALUATE.n_boot, warehouse: str | None = None) -> dict:
     logger = get_run_logger()
     wh = open_warehouse(warehouse)
-    complete = complete_runs(wh, experiment)
+    complete = complete_run_ids(wh, experiment)
     try:
         latest = registry.resolve(wh, experiment, "latest")
         seen = set(latest.manifest["fit_run_ids"]) | set(latest.manifest["heldout_run_ids"])

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-
+import numpy as np
+import polars as pl
+from matplotlib.figure import Figure
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -19,7 +14,6 @@ def _save(fig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -27,7 +21,8 @@ def trajectory(path: str | Path, curriculum: np.ndarray, simulated: dict[str, np
                true: np.ndarray | None = None, mark_example: int | None = None, title: str = "") -> Path:
     """One test example's loss over steps: ``simulated`` curves (name -> ``float[T+1]``), the true
     curve if given, and the steps whose batch contains ``mark_example`` shaded."""
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig = Figure(figsize=(7, 3.8))
+    ax = fig.subplots()
     if mark_example is not None:
         steps = np.flatnonzero((curriculum == mark_example).any(axis=1)) + 1
         for k, step in enumerate(steps):
@@ -47,7 +42,8 @@ def trajectory(path: str | Path, curriculum: np.ndarray, simulated: dict[str, np
 def influence_bars(path: str | Path, table: pl.DataFrame, top: int = 15, title: str = "") -> Path:
     """The ``top`` training examples by |effect| (``example_id``, ``effect`` columns)."""
     rows = table.sort(pl.col("effect").abs(), descending=True).head(top).sort("effect")
-    fig, ax = plt.subplots(figsize=(7, 0.32 * len(rows) + 1.2))
+    fig = Figure(figsize=(7, 0.32 * len(rows) + 1.2))
+    ax = fig.subplots()
     colours = ["#3b7d3b" if v < 0 else "#b04040" for v in rows["effect"]]
     ax.barh([str(i) for i in rows["example_id"]], rows["effect"].to_numpy(), color=colours)
     ax.axvline(0, color="black", lw=0.8)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from simfluence.simulators import (
 )
 from simfluence.solvers import SolverError
 from simfluence_platform.errors import UserError
+from simfluence_platform.tasks.steps import FIT, EVALUATE
 
 # Bad input: the science's own errors and the platform's UserError (one line, exit status 2).
 USER_ERRORS = (RunSetError, SimulatorError, SolverError, CurriculumError, GradientError, FileNotFoundError, UserError)
@@ -240,16 +242,16 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
         p.set_defaults(handler=handler)
         if name in ("fit", "refit"):
-            p.add_argument("--heldout-every", type=int, default=5, help="hold out run ids k-1, 2k-1, ...")
+            p.add_argument("--heldout-every", type=int, default=FIT.heldout_every, help="hold out run ids k-1, 2k-1, ...")
             p.add_argument("--dask-address", default=None, help="tcp://host:8786 (default: a LocalCluster)")
         if name == "fit":
             p.add_argument("--methods", default=None, help="comma-separated (default: all)")
-            p.add_argument("--n-workers", type=int, default=2, help="LocalCluster workers")
-            p.add_argument("--shard-size", type=int, default=64, help="test examples per Dask task")
+            p.add_argument("--n-workers", type=int, default=FIT.n_workers, help="LocalCluster workers")
+            p.add_argument("--shard-size", type=int, default=FIT.shard_size, help="test examples per Dask task")
         if name == "evaluate":
             p.add_argument("--versions", default=None, help="comma-separated versions")
             p.add_argument("--alias", default=None, help="an alias such as latest or best")
-            p.add_argument("--bootstrap", type=int, default=1000)
+            p.add_argument("--bootstrap", type=int, default=EVALUATE.n_boot)
 
 
 def _add_collect(sub: argparse._SubParsersAction) -> None:
@@ -400,8 +402,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def prefect_defaults() -> None:
+    """The Prefect settings this command line runs flows with, unless the user set them:
+    analytics off (with it on, SQLite 'database is locked' at startup), a longer start-up
+    timeout for the temporary server on small machines, and a PREFECT_HOME folder that exists."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    if os.environ.get("PREFECT_HOME"):
+        os.makedirs(os.path.expanduser(os.environ["PREFECT_HOME"]), exist_ok=True)  # Prefect's SQLite needs it
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    prefect_defaults()
     try:
         result = args.handler(args)
     except USER_ERRORS as error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -208,3 +209,55 @@ def load_gradients(warehouse: Warehouse, experiment: str) -> GradientCheckpoints
         curvatures = np.array([np.asarray(c[2], dtype=np.float32).reshape(d, d) for c in checkpoints])
     return GradientCheckpoints(steps, rates, grads["train"], grads["test"], int(checkpoints[0][1]), curvatures,
                                grads["train_preconditioned"])
+
+
+@dataclass(frozen=True)
+class ExperimentInfo:
+    """An experiment's row: its config (as stored), sizes and description."""
+
+    experiment: str
+    config_hash: str
+    config: dict[str, Any]
+    n_train: int
+    n_test: int
+    description: str
+    created_at: Any
+
+
+def experiment_info(warehouse: Warehouse, experiment: str) -> ExperimentInfo:
+    """The experiment's row; :class:`WarehouseError` naming it when it does not exist."""
+    with warehouse.reader() as con:
+        row = fetch_one(con, "SELECT config_hash, config_json, n_train, n_test, description, created_at "
+                             "FROM experiments WHERE experiment = ?", [experiment])
+    if row is None:
+        raise WarehouseError(f"unknown experiment {experiment!r}")
+    return ExperimentInfo(experiment, row[0], json.loads(row[1]), row[2], row[3], row[4] or "", row[5])
+
+
+def complete_run_ids(warehouse: Warehouse, experiment: str) -> set[int]:
+    """Ids of the experiment's complete runs (empty before the warehouse exists)."""
+    if not warehouse.path.exists():
+        return set()
+    with warehouse.reader() as con:
+        rows = con.execute("SELECT run_id FROM runs WHERE experiment = ? AND status = 'complete'",
+                           [experiment]).fetchall()
+    return {r[0] for r in rows}
+
+
+def has_gradients(warehouse: Warehouse, experiment: str) -> bool:
+    """Whether gradient checkpoints are stored for the experiment."""
+    if not warehouse.path.exists():
+        return False
+    with warehouse.reader() as con:
+        return bool(con.execute("SELECT count(*) FROM checkpoints WHERE experiment = ?", [experiment]).fetchall()[0][0])
+
+
+def run_summary(warehouse: Warehouse, experiment: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(runs per status with their steps and one example reason; coverage of each training
+    example, least covered first)."""
+    with warehouse.reader() as con:
+        runs = con.sql("SELECT status, count(*) AS runs, min(n_steps) AS steps, any_value(reason) AS example_reason "
+                       "FROM runs WHERE experiment = ? GROUP BY status ORDER BY status", params=[experiment]).pl()
+        coverage = con.sql("SELECT example_id, occurrences, runs_with FROM example_coverage WHERE experiment = ? "
+                           "ORDER BY occurrences, example_id", params=[experiment]).pl()
+    return runs, coverage

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 from simfluence.simulators import Simulator, load_simulator
 from simfluence_platform.storage.warehouse import Warehouse, WarehouseError, check_name, fetch_one
@@ -235,3 +236,19 @@ def record_evaluation(
                 [experiment, version, row["metric"], row["value"], row["ci_low"], row["ci_high"], heldout_hash, len(held)],
             )
         con.execute("COMMIT")
+
+
+def aliases(warehouse: Warehouse, experiment: str) -> dict[str, str]:
+    """Every alias of the experiment and the version it points at."""
+    with warehouse.reader() as con:
+        rows = con.execute("SELECT alias, version FROM aliases WHERE experiment = ? ORDER BY alias",
+                           [experiment]).fetchall()
+    return dict(rows)
+
+
+def evaluation_scores(warehouse: Warehouse, experiment: str, versions: list[str]) -> pl.DataFrame:
+    """The recorded held-out scores of these versions: method, version, metric, value, ci_low, ci_high."""
+    with warehouse.reader() as con:
+        return con.sql("SELECT s.method, s.version, e.metric, e.value, e.ci_low, e.ci_high FROM evaluations e "
+                       "JOIN simulators s USING (experiment, version) WHERE e.experiment = ? AND list_contains(?, version) "
+                       "ORDER BY s.method, e.metric", params=[experiment, versions]).pl()

@@ -11,16 +11,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from simfluence import curricula
-from simfluence_platform.storage.experiments import config_hash, register_experiment, store_gradients
+from simfluence_platform.storage.experiments import (
+    complete_run_ids,
+    config_hash,
+    has_gradients,
+    register_experiment,
+    store_gradients,
+)
 from simfluence_platform.storage.ingest import ingest
 from simfluence_platform.storage.registry import code_version
 from simfluence_platform.storage.shards import LossShardWriter, RunHeader
 from simfluence_platform.storage.warehouse import Warehouse
 from simfluence_platform.tasks.config import ExperimentConfig
 from simfluence_platform.tasks.data import Examples, load_examples
+from simfluence_platform.tasks.runs import curriculum_for_run, run_seed
 
 
 @dataclass
@@ -31,39 +35,11 @@ class CollectSummary:
     failed: dict[int, str] = field(default_factory=dict)
 
 
-def run_seed(config: ExperimentConfig, run_id: int) -> int:
-    """The seed of run ``run_id``: distinct per run, fixed per (config seed, run id)."""
-    return int(np.random.SeedSequence([config.seed, run_id]).generate_state(1)[0])
-
-
-def curriculum_for_run(config: ExperimentConfig, run_id: int) -> np.ndarray:
-    """``int64[T, b]`` batches of run ``run_id``."""
-    c, t, n = config.curriculum, config.training, config.data.n_train
-    seed = run_seed(config, run_id)
-    if c.kind == "uniform":
-        return curricula.uniform(n, 1, t.steps, t.batch_size, seed=seed)[0]
-    if c.kind == "subset_epochs":
-        return curricula.subset_epochs(n, 1, c.subset_size, c.epochs, t.batch_size, seed=seed)[0]
-    explicit = curricula.load(c.path, n)
-    if run_id >= len(explicit):
-        raise curricula.CurriculumError(f"{c.path} holds {len(explicit)} curricula; run {run_id} has none")
-    return explicit[run_id]
-
-
 def register(config: ExperimentConfig, warehouse: Warehouse, examples: Examples) -> None:
     """Register the experiment and its examples (idempotent)."""
     register_experiment(warehouse, config.name, config.to_dict(), examples.train, examples.test,
                         description=f"{config.model.source} on {config.data.source}",
                         digest=config_hash(config.identity()))
-
-
-def complete_runs(warehouse: Warehouse, experiment: str) -> set[int]:
-    if not warehouse.path.exists():
-        return set()
-    with warehouse.reader() as con:
-        rows = con.execute("SELECT run_id FROM runs WHERE experiment = ? AND status = 'complete'",
-                           [experiment]).fetchall()
-    return {r[0] for r in rows}
 
 
 def train_run(config: ExperimentConfig, trainer, warehouse: Warehouse, run_id: int, on_step=None):
@@ -89,7 +65,7 @@ def prepare(config: ExperimentConfig, runs: int) -> Examples:
 
 def store_reference_gradients(config: ExperimentConfig, warehouse: Warehouse, trainer=None) -> None:
     """Compute and store the gradient checkpoints of the experiment's reference run."""
-    from simfluence_platform.tasks.gradients import gradient_checkpoints
+    from simfluence_platform.tasks.gradients import gradient_checkpoints  # torch: only when needed
     from simfluence_platform.tasks.training import Trainer
 
     trainer = trainer or Trainer(config, load_examples(config.data, config.model.task))
@@ -110,7 +86,7 @@ def collect(config: ExperimentConfig, runs: int, warehouse: Warehouse, gradients
 
     summary = CollectSummary(config.name)
     examples = prepare(config, runs)
-    done = complete_runs(warehouse, config.name)
+    done = complete_run_ids(warehouse, config.name)
     todo = [r for r in range(runs) if r not in done]
     summary.skipped = sorted(done & set(range(runs)))
     need_gradients = gradients and not has_gradients(warehouse, config.name)
@@ -139,10 +115,3 @@ def collect(config: ExperimentConfig, runs: int, warehouse: Warehouse, gradients
     if need_gradients:
         store_reference_gradients(config, warehouse, trainer)
     return summary
-
-
-def has_gradients(warehouse: Warehouse, experiment: str) -> bool:
-    if not warehouse.path.exists():
-        return False
-    with warehouse.reader() as con:
-        return bool(con.execute("SELECT count(*) FROM checkpoints WHERE experiment = ?", [experiment]).fetchall()[0][0])

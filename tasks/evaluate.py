@@ -11,24 +11,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import polars as pl
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-
-import simfluence as sf  # noqa: E402
-from simfluence_platform.storage import registry  # noqa: E402
-from simfluence_platform.storage.experiments import load_runset  # noqa: E402
-from simfluence_platform.storage.warehouse import Warehouse  # noqa: E402
-from simfluence_platform.tasks.fit import METHODS  # noqa: E402
+import simfluence as sf
+from simfluence_platform.storage import registry
+from simfluence_platform.storage.experiments import load_runset
+from simfluence_platform.storage.warehouse import Warehouse
+from simfluence_platform.tasks.fit import METHODS
+from simfluence_platform.tasks.steps import EVALUATE
 
 METRIC_LABELS = {
     "all_steps_mse": "all-steps MSE (lower is better)",
     "spearman_across_runs": "final-step Spearman across runs (higher is better)",
 }
+
+
+# The methods drawn in trajectory plots: the default simulator and the two baselines it must beat.
+TRAJECTORY_ALIASES = tuple(METHODS[name].alias for name in ("simfluence_momentum", "tracin_cp_rescaled",
+                                                            "mean_trajectory"))
 
 
 @dataclass(frozen=True)
@@ -39,14 +41,13 @@ class Evaluation:
 
 
 def method_aliases(warehouse: Warehouse, experiment: str) -> list[str]:
-    """The ``latest-<method>`` aliases of an experiment: the newest version of every method."""
-    with warehouse.reader() as con:
-        rows = con.execute("SELECT alias FROM aliases WHERE experiment = ? AND alias LIKE 'latest-%' ORDER BY alias",
-                           [experiment]).fetchall()
-    return [r[0] for r in rows]
+    """The ``latest-<method>`` aliases of an experiment that exist: the newest version of every
+    method (in the method registry's order)."""
+    existing = registry.aliases(warehouse, experiment)
+    return [m.alias for m in METHODS.values() if m.alias in existing]
 
 
-def evaluate(warehouse: Warehouse, experiment: str, refs: list[str], n_boot: int = 1000,
+def evaluate(warehouse: Warehouse, experiment: str, refs: list[str], n_boot: int = EVALUATE.n_boot,
              heldout_run_ids: list[int] | None = None) -> pl.DataFrame:
     """Score each version or alias on its own held-out runs (or on ``heldout_run_ids``, which
     must not overlap its fitting runs) and record the scores."""
@@ -71,7 +72,8 @@ def evaluate(warehouse: Warehouse, experiment: str, refs: list[str], n_boot: int
 
 def plot_metrics(scores: pl.DataFrame, path: Path) -> Path:
     """Bars of each method's all-steps MSE and across-runs Spearman with their intervals."""
-    fig, axes = plt.subplots(1, len(METRIC_LABELS), figsize=(13, 4.5))
+    fig = Figure(figsize=(13, 4.5))
+    axes = fig.subplots(1, len(METRIC_LABELS))
     for ax, (metric, label) in zip(axes, METRIC_LABELS.items()):
         rows = scores.filter(pl.col("metric") == metric).sort("value", descending=metric.startswith("spearman"))
         values = rows["value"].to_numpy()
@@ -84,7 +86,6 @@ def plot_metrics(scores: pl.DataFrame, path: Path) -> Path:
             ax.set_xscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -96,7 +97,8 @@ def plot_trajectories(warehouse: Warehouse, experiment: str, refs: list[str], pa
     heldout = load_runset(warehouse, experiment, run_ids=held)
     change = np.abs(heldout.losses[:, -1] - heldout.losses[:, 0]).mean(axis=0)
     tests = np.argsort(change)[::-1][:n_tests]  # the test examples whose loss moved most
-    fig, axes = plt.subplots(len(held), n_tests, figsize=(4.2 * n_tests, 3.2 * len(held)), squeeze=False)
+    fig = Figure(figsize=(4.2 * n_tests, 3.2 * len(held)))
+    axes = fig.subplots(len(held), n_tests, squeeze=False)
     steps = np.arange(heldout.n_steps + 1)
     predictions = {info.manifest["name"]: sim.simulate(heldout.batches, heldout.initial_loss) for sim, info in simulators}
     for r in range(len(held)):
@@ -111,7 +113,6 @@ def plot_trajectories(warehouse: Warehouse, experiment: str, refs: list[str], pa
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -142,7 +143,7 @@ def best_version(scores: pl.DataFrame) -> str | None:
 
 
 def evaluate_and_report(warehouse: Warehouse, experiment: str, refs: list[str] | None = None,
-                        n_boot: int = 1000) -> Evaluation:
+                        n_boot: int = EVALUATE.n_boot) -> Evaluation:
     """Evaluate the versions (default: the newest of every method), plot, write the report."""
     refs = refs or method_aliases(warehouse, experiment)
     if not refs:
@@ -154,8 +155,7 @@ def evaluate_and_report(warehouse: Warehouse, experiment: str, refs: list[str] |
             registry.set_alias(warehouse, experiment, "best", best)
     report_dir = warehouse.home / "reports" / experiment
     report_dir.mkdir(parents=True, exist_ok=True)
-    plotted = {METHODS[name].alias for name in ("simfluence_momentum", "tracin_cp_rescaled", "mean_trajectory")}
-    shown = [ref for ref in refs if ref in plotted]
+    shown = [ref for ref in refs if ref in TRAJECTORY_ALIASES]
     files = [plot_metrics(scores, report_dir / "metrics.png"),
              plot_trajectories(warehouse, experiment, shown or refs[:3], report_dir / "trajectories.png")]
     (report_dir / "leaderboard.md").write_text(markdown_report(experiment, scores, files))

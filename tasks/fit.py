@@ -14,7 +14,6 @@ judged on, and versions fitted at different times can be compared on the same he
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,11 +24,11 @@ import numpy as np
 import simfluence as sf
 from simfluence.runset import RunSet
 from simfluence_platform.storage import registry
-from simfluence_platform.storage.experiments import load_gradients, load_runset
-from simfluence_platform.storage.warehouse import Warehouse, WarehouseError, fetch_one
-from simfluence_platform.tasks.collect import complete_runs
+from simfluence_platform.storage.experiments import complete_run_ids, experiment_info, load_gradients, load_runset
+from simfluence_platform.storage.warehouse import Warehouse, WarehouseError
 from simfluence_platform.tasks.config import optimizer_spec
 from simfluence_platform.errors import UserError
+from simfluence_platform.tasks.steps import FIT
 
 @dataclass(frozen=True)
 class FitContext:
@@ -173,10 +172,10 @@ def fit_and_publish(
     warehouse: Warehouse,
     experiment: str,
     methods: list[str] | None = None,
-    heldout_every: int = 5,
+    heldout_every: int = FIT.heldout_every,
     dask_address: str | None = None,
-    n_workers: int = 2,
-    shard_size: int = 64,
+    n_workers: int = FIT.n_workers,
+    shard_size: int = FIT.shard_size,
     log: Callable[[str], None] = print,
 ) -> list[Published]:
     """Fit each method on the fitting runs of the experiment and publish it to the registry.
@@ -189,13 +188,9 @@ def fit_and_publish(
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise FitError(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
-    with warehouse.reader() as con:
-        row = fetch_one(con, "SELECT config_hash, config_json FROM experiments WHERE experiment = ?", [experiment])
-    if row is None:
-        raise WarehouseError(f"unknown experiment {experiment!r}")
-    config_hash = row[0]
-    optimizer = optimizer_spec(json.loads(row[1]).get("training", {}))
-    fit_ids, held_ids = split_runs(np.array(sorted(complete_runs(warehouse, experiment)), dtype=np.int64),
+    info = experiment_info(warehouse, experiment)
+    optimizer = optimizer_spec(info.config.get("training", {}))
+    fit_ids, held_ids = split_runs(np.array(sorted(complete_run_ids(warehouse, experiment)), dtype=np.int64),
                                    heldout_every)
     fitting = load_runset(warehouse, experiment, run_ids=fit_ids)
     gradients = None
@@ -227,7 +222,7 @@ def fit_and_publish(
             seconds = time.perf_counter() - start
             aliases = (METHODS[method].alias,) + (("latest",) if method == primary else ())
             info = registry.publish(warehouse, experiment, simulator, fit_run_ids=fit_ids, heldout_run_ids=held_ids,
-                                    data_hash=digest, config_hash=config_hash, aliases=aliases, name=method)
+                                    data_hash=digest, config_hash=info.config_hash, aliases=aliases, name=method)
             log(f"  {method}: version {info.version} in {seconds:.1f} s")
             published.append(Published(method, info.version, seconds))
     return published

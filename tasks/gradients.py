@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from simfluence.gradients import GradientCheckpoints
-from simfluence_platform.tasks.collect import curriculum_for_run, run_seed
+from simfluence_platform.tasks.runs import curriculum_for_run, run_seed
 from simfluence_platform.tasks.config import ExperimentConfig
 from simfluence_platform.tasks.model import Encoded
 from simfluence_platform.tasks.training import Trainer

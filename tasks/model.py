@@ -9,12 +9,10 @@ Tasks: ``classification`` (cross-entropy of the label, one value per example, na
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
@@ -62,24 +60,25 @@ def load_model(config: ExperimentConfig, num_labels: int) -> tuple[torch.nn.Modu
     source, task = config.model.source, config.model.task
     torch.manual_seed(config.seed)  # newly initialised heads and tiny models are reproducible
     if source == "tiny-gpt2":
-        tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
+        tokenizer = AutoTokenizer.from_pretrained(embedded_model_path(), local_files_only=True)
         gpt_config = GPT2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                 num_labels=max(num_labels, 2), **config.model.tiny)
         model = GPT2ForSequenceClassification(gpt_config) if task == "classification" else GPT2LMHeadModel(gpt_config)
     else:
-        path = embedded_model_path() if source == "embedded" else Path(source)
-        looks_local = source == "embedded" or source.startswith((".", "/", "~")) or Path(source).exists()
+        path = embedded_model_path() if source == "embedded" else Path(source).expanduser()
+        looks_local = source == "embedded" or source.startswith((".", "/", "~")) or path.exists()
         if looks_local and not path.is_dir():
             raise ModelError(f"model.source: model folder {path} does not exist")
         try:
-            hf_config = AutoConfig.from_pretrained(path if looks_local else source)
+            where = path if looks_local else source  # a local folder never touches a model hub
+            hf_config = AutoConfig.from_pretrained(where, local_files_only=looks_local)
             if config.model.num_layers is not None:
                 hf_config.num_hidden_layers = config.model.num_layers
             if task == "classification":
                 hf_config.num_labels = num_labels
-            tokenizer = AutoTokenizer.from_pretrained(path if looks_local else source)
+            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=looks_local)
             auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-            model = auto.from_pretrained(path if looks_local else source, config=hf_config)
+            model = auto.from_pretrained(where, config=hf_config, local_files_only=looks_local)
         except OSError as error:
             raise ModelError(f"model.source: cannot load {source!r}: {str(error).splitlines()[0]}") from None
     if tokenizer.pad_token is None:

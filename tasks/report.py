@@ -19,8 +19,10 @@ import numpy as np
 import polars as pl
 
 from simfluence import curricula, plots, whatif
-from simfluence_platform.storage.warehouse import Warehouse, WarehouseError
-from simfluence_platform.tasks.evaluate import method_aliases, plot_trajectories
+from simfluence_platform.storage import registry
+from simfluence_platform.storage.experiments import experiment_info, run_summary
+from simfluence_platform.storage.warehouse import Warehouse
+from simfluence_platform.tasks.evaluate import TRAJECTORY_ALIASES, method_aliases, plot_trajectories
 from simfluence_platform.tasks.whatif import ask
 
 STYLE = """
@@ -54,20 +56,12 @@ def build_report(warehouse: Warehouse, experiment: str, ref: str = "best", out: 
                  top: int = 15, pairs: int = 6, step: Callable[[str], None] = lambda stage: None) -> Path:
     """Write the report (default ``<home>/reports/<experiment>/report.html``) and return its path."""
     out = Path(out) if out else warehouse.home / "reports" / experiment / "report.html"
-    with warehouse.reader() as con:
-        meta = con.execute("SELECT description, n_train, n_test, config_json, created_at FROM experiments "
-                           "WHERE experiment = ?", [experiment]).fetchall()
-        if not meta:
-            raise WarehouseError(f"unknown experiment {experiment!r}")
-        runs = con.sql("SELECT status, count(*) AS runs, min(n_steps) AS steps, any_value(reason) AS example_reason "
-                       "FROM runs WHERE experiment = ? GROUP BY status ORDER BY status", params=[experiment]).pl()
-        coverage = con.sql("SELECT example_id, occurrences, runs_with FROM example_coverage WHERE experiment = ? "
-                           "ORDER BY occurrences, example_id", params=[experiment]).pl()
-        board = con.sql(
-            "SELECT s.method, s.version, e.metric, e.value, e.ci_low, e.ci_high FROM evaluations e "
-            "JOIN simulators s USING (experiment, version) JOIN aliases a USING (experiment, version) "
-            "WHERE e.experiment = ? AND a.alias LIKE 'latest-%'", params=[experiment]).pl()
-    description, n_train, n_test, config_json, created = meta[0]
+    info = experiment_info(warehouse, experiment)
+    description, n_train, n_test, created = info.description, info.n_train, info.n_test, info.created_at
+    runs, coverage = run_summary(warehouse, experiment)
+    newest = registry.aliases(warehouse, experiment)
+    board = registry.evaluation_scores(warehouse, experiment,
+                                       sorted({newest[a] for a in method_aliases(warehouse, experiment)}))
     sections = [f"<h1>Simfluence report: {html.escape(experiment)}</h1>",
                 f"<p class='note'>{html.escape(description or '')}; {n_train} training and {n_test} test examples; "
                 f"created {created}.</p>", "<h2>Runs</h2>", _table(runs)]
@@ -91,8 +85,7 @@ def build_report(warehouse: Warehouse, experiment: str, ref: str = "best", out: 
             sections += ["<p class='note'>Value [95% interval over held-out runs]; best all-steps MSE first.</p>",
                          _table(wide.sort("_rank").drop("_rank"))]
             step("trajectories")
-            refs = [a for a in method_aliases(warehouse, experiment)
-                    if any(k in a for k in ("simfluence-linear", "tracin-cp-rescaled", "mean-trajectory"))]
+            refs = [a for a in method_aliases(warehouse, experiment) if a in TRAJECTORY_ALIASES]
             if refs:
                 picture = plot_trajectories(warehouse, experiment, refs[:3], scratch / "trajectories.png")
                 sections += ["<h2>Trajectories: true vs simulated</h2>", _image(picture, "true vs simulated")]
@@ -126,7 +119,7 @@ def build_report(warehouse: Warehouse, experiment: str, ref: str = "best", out: 
             "to the first step.</p>", _table(order_table),
             f"<h3>What if example {best_example} were removed?</h3>", _image(curve, "what-if"),
             "<h2>Configuration</h2>",
-            f"<pre>{html.escape(json.dumps(json.loads(config_json), indent=2))}</pre>",
+            f"<pre>{html.escape(json.dumps(info.config, indent=2))}</pre>",
         ]
     out.parent.mkdir(parents=True, exist_ok=True)
     body = "\n".join(sections)

@@ -11,8 +11,8 @@ import polars as pl
 from simfluence import curricula
 from simfluence.simulators import Simulator, SimulatorError
 from simfluence_platform.storage import registry
-from simfluence_platform.storage.experiments import load_runset
-from simfluence_platform.storage.warehouse import Warehouse, WarehouseError, fetch_one
+from simfluence_platform.storage.experiments import experiment_info, load_runset
+from simfluence_platform.storage.warehouse import Warehouse, WarehouseError
 from simfluence_platform.errors import UserError
 
 
@@ -45,8 +45,8 @@ def ask(warehouse: Warehouse, experiment: str, ref: str = "best", run: int | Non
     simulator, info = registry.load(warehouse, experiment, ref)
     if info.manifest["experiment"] != experiment:
         raise registry.RegistryError(f"bundle {info.version} belongs to experiment {info.manifest['experiment']!r}")
-    with warehouse.reader() as con:
-        n_train, n_test = fetch_one(con, "SELECT n_train, n_test FROM experiments WHERE experiment = ?", [experiment])
+    experiment_row = experiment_info(warehouse, experiment)
+    n_train, n_test = experiment_row.n_train, experiment_row.n_test
     if simulator.n_train != n_train or simulator.test_ids.max() >= n_test:
         raise SimulatorError(f"simulator {info.version} was fitted on n={simulator.n_train} training examples; "
                              f"experiment {experiment!r} has n={n_train}")

@@ -10,7 +10,8 @@ import torch
 import simfluence as sf
 from simfluence_platform.storage.experiments import load_gradients, load_runset
 from simfluence_platform.storage.warehouse import Warehouse
-from simfluence_platform.tasks.collect import collect, curriculum_for_run, train_run
+from simfluence_platform.tasks.collect import collect, train_run
+from simfluence_platform.tasks.runs import curriculum_for_run
 from simfluence_platform.tasks.config import ConfigError, PRESETS, _merge, from_dict, load_config, preset
 from simfluence_platform.tasks.data import DataError, load_examples
 from simfluence_platform.tasks.model import ModelError

@@ -1,0 +1,28 @@
+"""The defaults of the pipeline's steps, in one place: the CLI, the flows and the tasks read
+them from here (a fit is replayable from its bundle's manifest: method, hyperparameters,
+fitting and held-out run ids)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FitStep:
+    """``heldout_every``: run ``r`` is held out when ``r % k == k - 1`` (stable as runs are
+    added); ``shard_size``: test examples per Dask task; ``n_workers``: LocalCluster workers."""
+
+    heldout_every: int = 5
+    shard_size: int = 64
+    n_workers: int = 2
+
+
+@dataclass(frozen=True)
+class EvaluateStep:
+    """``n_boot``: bootstrap resamples of held-out runs for every interval."""
+
+    n_boot: int = 1000
+
+
+FIT = FitStep()
+EVALUATE = EvaluateStep()
