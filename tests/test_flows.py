@@ -6,6 +6,9 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+import numpy as np  # noqa: E402
+
+import simfluence as sf  # noqa: E402
 from simfluence_platform.storage import registry  # noqa: E402
 from simfluence_platform.storage.warehouse import Warehouse  # noqa: E402
 
@@ -24,7 +27,10 @@ def home(tmp_path_factory):
     return tmp_path_factory.mktemp("simfluence-home")
 
 
-def test_collect_fit_evaluate_refit(home):
+def test_collect_fit_evaluate_refit_and_the_cli(home, capsys):
+    import json
+
+    from simfluence_platform.cli import main
     from simfluence_platform.flows.collect import collect_runs
     from simfluence_platform.flows.evaluate import evaluate_simulators
     from simfluence_platform.flows.fit import fit_simulators
@@ -60,13 +66,7 @@ def test_collect_fit_evaluate_refit(home):
     assert registry.resolve(wh, "tiny", "latest").manifest["heldout_run_ids"] == [4, 9, 14]
     assert refit(experiment="tiny", n_boot=50, warehouse=warehouse)["refit"] is False
 
-
-def test_cli_pipeline_commands_run_their_flows(home, capsys):
-    import json
-
-    from simfluence_platform.cli import main
-
-    warehouse = str(home / "warehouse.duckdb")  # filled by the test above
+    # The CLI pipeline commands run the same flows on the same warehouse.
     assert main(["--json", "evaluate", "--experiment", "tiny", "--alias", "best", "--bootstrap", "20",
                  "--warehouse", warehouse]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -75,6 +75,7 @@ def test_cli_pipeline_commands_run_their_flows(home, capsys):
     assert "nothing new to refit" in capsys.readouterr().out
     assert main(["fit", "--experiment", "tiny", "--methods", "oracle", "--warehouse", warehouse]) == 2
     assert "unknown methods ['oracle']" in capsys.readouterr().err
+
 
 
 def test_fit_on_a_dask_scheduler_address(home):
@@ -88,10 +89,13 @@ def test_fit_on_a_dask_scheduler_address(home):
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp",
                       dashboard_address=None) as cluster:
         assert cluster.scheduler_address.startswith("tcp://")
-        published = fit_simulators(experiment="tiny", methods=["simfluence_linear"], shard_size=3,
-                                   dask_address=cluster.scheduler_address, warehouse=warehouse)
+        published = fit_simulators(experiment="tiny", methods=["simfluence_linear", "simfluence_additive"],
+                                   shard_size=3, dask_address=cluster.scheduler_address, warehouse=warehouse)
     simulator, info = registry.load(Warehouse(warehouse), "tiny", published[0]["version"])
     assert info.manifest["name"] == "simfluence_linear" and len(simulator.test_ids) == 8
+    additive, info = registry.load(Warehouse(warehouse), "tiny", published[1]["version"])
+    assert type(additive) is sf.SimfluenceAdditive and info.manifest["name"] == "simfluence_additive"
+    assert np.all(additive.A == 0)  # joined from shards of test examples, still the Additive model
 
 
 def test_bad_input_fails_the_flow_before_writing(home):
@@ -101,5 +105,8 @@ def test_bad_input_fails_the_flow_before_writing(home):
     with pytest.raises(ValueError, match="exactly one of preset and config_path"):
         collect_runs(preset=None, runs=2, warehouse=str(home / "x" / "w.duckdb"))
     assert not (home / "x").exists()
+    empty = Warehouse(home / "empty" / "warehouse.duckdb")
+    with empty.writer():
+        pass
     with pytest.raises(Exception, match="unknown experiment 'nope'"):
-        fit_simulators(experiment="nope", warehouse=str(home / "warehouse.duckdb"))
+        fit_simulators(experiment="nope", warehouse=str(empty.path))

@@ -232,3 +232,18 @@ def test_adam_preconditioned_gradients_are_stored_with_adamw(tiny, tmp_path):
     sgd = from_dict(_merge(PRESETS["tiny"], {"name": "tiny-sgd", "training": {"optimizer": "sgd", "momentum": 0.9}}))
     collect(sgd, 2, wh)
     assert load_gradients(wh, "tiny-sgd").train_grads_preconditioned is None
+
+
+def test_config_hash_is_stable_when_a_field_with_a_default_is_added():
+    """A config stored before the optimizer fields existed hashes as today's default does, so
+    its experiment's runs stay usable; a changed value still changes the hash."""
+    from simfluence_platform.storage.experiments import config_hash
+
+    today = preset("demo")
+    older = today.to_dict()
+    for field_name in ("optimizer", "betas", "eps", "momentum"):
+        older["training"].pop(field_name)  # as written before these fields were added
+    assert config_hash(from_dict(older).identity()) == config_hash(today.identity())
+    assert "optimizer" not in today.identity().get("training", {})
+    changed = from_dict(_merge(PRESETS["demo"], {"training": {"optimizer": "sgd"}}))
+    assert config_hash(changed.identity()) != config_hash(today.identity())
