@@ -18,7 +18,15 @@ from prefect.cache_policies import NO_CACHE
 from simfluence_platform.flows.common import experiment_config, warehouse as open_warehouse
 from simfluence_platform.flows.ingest import ingest_shards
 from simfluence_platform.storage.experiments import complete_run_ids, has_gradients
-from simfluence_platform.tasks.collect import collect, prepare, register, store_reference_gradients
+from simfluence_platform.tasks.collect import (
+    Collection,
+    collect_run,
+    finish_collection,
+    prepare,
+    register,
+    start_collection,
+    store_reference_gradients,
+)
 from simfluence_platform.tasks.config import ExperimentConfig
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -29,15 +37,38 @@ def artifact_key(prefix: str, experiment: str) -> str:
     return re.sub(r"[^a-z0-9-]", "-", f"{prefix}-{experiment}".lower())
 
 
-@task(name="collect-in-process", cache_policy=NO_CACHE)
+@task(name="start-collection", cache_policy=NO_CACHE)
+def start_task(config: ExperimentConfig, runs: int, warehouse: str | None, gradients: bool) -> Collection:
+    return start_collection(config, runs, open_warehouse(warehouse), gradients, log=get_run_logger().info)
+
+
+@task(name="train-run", cache_policy=NO_CACHE)
+def train_run_task(collection: Collection, run_id: int) -> str:
+    """One training run of an in-process collection, ingested: retried on its own."""
+    return collect_run(collection, run_id, log=get_run_logger().info)
+
+
+@task(name="reference-gradients", cache_policy=NO_CACHE)
+def finish_task(collection: Collection) -> None:
+    finish_collection(collection)
+
+
 def collect_in_process(config: ExperimentConfig, runs: int, warehouse: str | None, gradients: bool,
                        retries: int, progress_id) -> dict:
-    logger = get_run_logger()
-    summary = collect(config, runs, open_warehouse(warehouse), gradients, retries,
-                      progress=lambda done, total: update_progress_artifact(progress_id, 100.0 * done / total),
-                      log=logger.info)
-    return {run_id: {"status": "complete", "reason": ""} for run_id in summary.trained} | {
-        run_id: {"status": "failed", "reason": reason} for run_id, reason in summary.failed.items()}
+    """One Prefect task per training run (each visible and retried on its own), in this process
+    with the model loaded once."""
+    collection = start_task(config, runs, warehouse, gradients)
+    results = {}
+    for count, run_id in enumerate(collection.todo, 1):
+        try:
+            status = train_run_task.with_options(task_run_name=f"train-run-{config.name}-{run_id}",
+                                                 retries=retries)(collection, run_id)
+            results[run_id] = {"status": status, "reason": collection.summary.failed.get(run_id, "")}
+        except Exception as error:  # noqa: BLE001 - a run lost after its retries is reported, the rest go on
+            results[run_id] = {"status": "failed", "reason": f"crashed: {error!r}"[:300]}
+        update_progress_artifact(progress_id, 100.0 * count / max(1, len(collection.todo)))
+    finish_task(collection)
+    return results
 
 
 @task(name="gradient-checkpoints", cache_policy=NO_CACHE)
@@ -72,6 +103,10 @@ def collect_runs(preset: str | None = "demo", config_path: str | None = None, ru
     create_table_artifact(key=artifact_key("runs", config.name), table=rows,
                           description=f"{config.name}: {len(complete)} complete runs in the warehouse")
     failed = {r["run_id"]: r["reason"] for r in rows if r["status"] != "complete"}
+    lost = sorted(r for r, result in results.items() if result["reason"].startswith("crashed"))
+    if lost:
+        raise RuntimeError(f"{config.name}: runs {lost} crashed on every attempt ({run_retries} retries); "
+                           f"the other runs are complete and ingested; run the collection again to retry them")
     return {"experiment": config.name, "trained": sorted(results), "complete": sorted(complete), "failed": failed}
 
 

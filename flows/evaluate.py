@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -15,9 +15,10 @@ from simfluence_platform.tasks.steps import EVALUATE
 
 @task(name="evaluate-and-report", cache_policy=NO_CACHE)
 def evaluate_task(warehouse: str | None, experiment: str, refs: list[str] | None, n_boot: int) -> dict:
-    evaluation = evaluate_and_report(open_warehouse(warehouse), experiment, refs, n_boot)
+    evaluation = evaluate_and_report(open_warehouse(warehouse), experiment, refs, n_boot, log=get_run_logger().info)
     board = sf.metrics.leaderboard(evaluation.scores.drop("version"))
-    return {"leaderboard": board.to_dicts(), "scores": evaluation.scores.to_dicts(),
+    return {"leaderboard": board.to_dicts(), "scores": evaluation.scores.to_dicts(), "best": evaluation.best,
+            "moved_best": evaluation.moved_best,
             "report_dir": str(evaluation.report_dir.resolve()), "files": [str(f.resolve()) for f in evaluation.files]}
 
 

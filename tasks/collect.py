@@ -72,16 +72,23 @@ def store_reference_gradients(config: ExperimentConfig, warehouse: Warehouse, tr
     store_gradients(warehouse, config.name, gradient_checkpoints(config, trainer))
 
 
-def collect(config: ExperimentConfig, runs: int, warehouse: Warehouse, gradients: bool = True, retries: int = 0,
-            progress: Callable[[int, int], None] | None = None,
-            log: Callable[[str], None] = lambda message: None) -> CollectSummary:
-    """Make runs ``0..runs-1`` of the experiment complete in this process, ingesting after each,
-    then store the gradient checkpoints if they are not stored yet.
+@dataclass
+class Collection:
+    """A collection under way: the runs still to train and the trainer that trains them (the
+    model loaded once for all of them)."""
 
-    Everything that can fail on bad input (data, config, model) is checked before anything is
-    written. A run that raises is retried up to ``retries`` times (as a new attempt, which
-    replaces the old one: never a duplicate). ``progress(done, total)`` follows every run.
-    """
+    config: ExperimentConfig
+    warehouse: Warehouse
+    todo: list[int]
+    need_gradients: bool
+    summary: CollectSummary
+    trainer: object | None = None
+
+
+def start_collection(config: ExperimentConfig, runs: int, warehouse: Warehouse, gradients: bool = True,
+                     log: Callable[[str], None] = lambda message: None) -> Collection:
+    """Check everything that can fail on bad input (data, config, model) before anything is
+    written, register the experiment, and load the trainer when there is work to do."""
     from simfluence_platform.tasks.training import Trainer  # torch and transformers load only when training
 
     summary = CollectSummary(config.name)
@@ -91,27 +98,52 @@ def collect(config: ExperimentConfig, runs: int, warehouse: Warehouse, gradients
     summary.skipped = sorted(done & set(range(runs)))
     need_gradients = gradients and not has_gradients(warehouse, config.name)
     log(f"{config.name}: {len(summary.skipped)} of {runs} runs already complete; training {len(todo)}")
-    if not todo and not need_gradients:
-        return summary
-    trainer = Trainer(config, examples)
-    register(config, warehouse, examples)
-    for count, run_id in enumerate(todo, 1):
+    collection = Collection(config, warehouse, todo, need_gradients, summary)
+    if todo or need_gradients:
+        collection.trainer = Trainer(config, examples)
+        register(config, warehouse, examples)
+    return collection
+
+
+def collect_run(collection: Collection, run_id: int, log: Callable[[str], None] = lambda message: None) -> str:
+    """Train one run of the collection, ingest it, and record the outcome; returns its status."""
+    outcome = train_run(collection.config, collection.trainer, collection.warehouse, run_id)
+    if outcome.status == "complete":
+        collection.summary.trained.append(run_id)
+    else:
+        collection.summary.failed[run_id] = outcome.reason or "failed"
+    report = ingest(collection.warehouse, collection.config.name)
+    log(f"run {run_id}: {outcome.status}; ingested {report.loaded_rows} rows")
+    return outcome.status
+
+
+def finish_collection(collection: Collection) -> CollectSummary:
+    """Store the gradient checkpoints if the experiment has none yet."""
+    if collection.need_gradients:
+        store_reference_gradients(collection.config, collection.warehouse, collection.trainer)
+    return collection.summary
+
+
+def collect(config: ExperimentConfig, runs: int, warehouse: Warehouse, gradients: bool = True, retries: int = 0,
+            progress: Callable[[int, int], None] | None = None,
+            log: Callable[[str], None] = lambda message: None) -> CollectSummary:
+    """Make runs ``0..runs-1`` of the experiment complete in this process, ingesting after each,
+    then store the gradient checkpoints if they are not stored yet (the collect-runs flow does
+    the same with one Prefect task per run).
+
+    A run that raises is retried up to ``retries`` times (as a new attempt, which replaces the
+    old one: never a duplicate). ``progress(done, total)`` follows every run.
+    """
+    collection = start_collection(config, runs, warehouse, gradients, log)
+    for count, run_id in enumerate(collection.todo, 1):
         for attempt in range(retries + 1):
             try:
-                outcome = train_run(config, trainer, warehouse, run_id)
+                collect_run(collection, run_id, log)
                 break
             except Exception as error:  # noqa: BLE001 - a crashed run is retried, then reported
                 if attempt == retries:
                     raise
                 log(f"run {run_id} raised {error!r}; retrying ({attempt + 1}/{retries})")
-        if outcome.status == "complete":
-            summary.trained.append(run_id)
-        else:
-            summary.failed[run_id] = outcome.reason or "failed"
-        report = ingest(warehouse, config.name)
-        log(f"run {run_id}: {outcome.status} ({count}/{len(todo)}); ingested {report.loaded_rows} rows")
         if progress is not None:
-            progress(count, len(todo))
-    if need_gradients:
-        store_reference_gradients(config, warehouse, trainer)
-    return summary
+            progress(count, len(collection.todo))
+    return finish_collection(collection)

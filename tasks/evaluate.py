@@ -8,6 +8,7 @@ to the ``evaluations`` table. Plots (PNG) and ``leaderboard.md`` are written to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,8 @@ class Evaluation:
     scores: pl.DataFrame          # method, version, metric, value, ci_low, ci_high
     report_dir: Path
     files: list[Path]
+    best: str | None              # the version ``best`` points at afterwards
+    moved_best: bool              # whether this evaluation moved it (see promote_best)
 
 
 def method_aliases(warehouse: Warehouse, experiment: str) -> list[str]:
@@ -142,21 +145,43 @@ def best_version(scores: pl.DataFrame) -> str | None:
     return None if rows.is_empty() else rows.sort("value")["version"][0]
 
 
+def promote_best(warehouse: Warehouse, experiment: str, scores: pl.DataFrame, n_boot: int = EVALUATE.n_boot,
+                 log: Callable[[str], None] = lambda message: None) -> tuple[str | None, bool]:
+    """The refit rule: the best curriculum-aware version of ``scores`` becomes ``best`` when
+    there is none yet, or when it beats the current ``best`` on its own held-out runs (the
+    current one is scored on the same runs). Returns (``best`` afterwards, whether it moved)."""
+    new = best_version(scores)
+    current = registry.alias_version(warehouse, experiment, "best")
+    if new is None or new == current:
+        return current, False
+    moved = current is None
+    if current is not None:
+        new_mse = scores.filter((pl.col("version") == new) & (pl.col("metric") == "all_steps_mse"))["value"][0]
+        held = registry.resolve(warehouse, experiment, new).manifest["heldout_run_ids"]
+        old = evaluate(warehouse, experiment, [current], n_boot=n_boot, heldout_run_ids=held)
+        old_mse = old.filter(pl.col("metric") == "all_steps_mse")["value"][0]
+        log(f"held-out MSE on the same runs: new {new_mse:.4g}, best {old_mse:.4g}")
+        moved = new_mse < old_mse
+    if moved:
+        registry.set_alias(warehouse, experiment, "best", new)
+        log(f"best -> {new}")
+    return (new if moved else current), moved
+
+
 def evaluate_and_report(warehouse: Warehouse, experiment: str, refs: list[str] | None = None,
-                        n_boot: int = EVALUATE.n_boot) -> Evaluation:
-    """Evaluate the versions (default: the newest of every method), plot, write the report."""
+                        n_boot: int = EVALUATE.n_boot, log: Callable[[str], None] = lambda message: None
+                        ) -> Evaluation:
+    """Evaluate the versions (default: the newest of every method), move ``best`` by
+    :func:`promote_best`, plot, and write the report."""
     refs = refs or method_aliases(warehouse, experiment)
     if not refs:
         raise registry.RegistryError(f"experiment {experiment!r} has no published simulators; run the fit first")
     scores = evaluate(warehouse, experiment, refs, n_boot=n_boot)
-    if registry.alias_version(warehouse, experiment, "best") is None:
-        best = best_version(scores)
-        if best is not None:
-            registry.set_alias(warehouse, experiment, "best", best)
+    best, moved = promote_best(warehouse, experiment, scores, n_boot, log)
     report_dir = warehouse.home / "reports" / experiment
     report_dir.mkdir(parents=True, exist_ok=True)
     shown = [ref for ref in refs if ref in TRAJECTORY_ALIASES]
     files = [plot_metrics(scores, report_dir / "metrics.png"),
              plot_trajectories(warehouse, experiment, shown or refs[:3], report_dir / "trajectories.png")]
     (report_dir / "leaderboard.md").write_text(markdown_report(experiment, scores, files))
-    return Evaluation(scores, report_dir, [report_dir / "leaderboard.md", *files])
+    return Evaluation(scores, report_dir, [report_dir / "leaderboard.md", *files], best, moved)

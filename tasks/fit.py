@@ -168,7 +168,27 @@ def fit_linear_on_dask(client, method: str, runs: RunSet, shard_size: int) -> sf
     return whole
 
 
-def fit_and_publish(
+@dataclass(frozen=True)
+class FitJob:
+    """Everything the methods of one fit share: the split, the fitting runs, the gradients and
+    optimizer, and where the bundles go."""
+
+    warehouse: Warehouse
+    experiment: str
+    methods: list[str]
+    primary: str
+    fitting: RunSet
+    fit_ids: np.ndarray
+    held_ids: np.ndarray
+    context: FitContext
+    data_hash: str
+    config_hash: str
+    dask_address: str | None
+    n_workers: int
+    shard_size: int
+
+
+def plan_fit(
     warehouse: Warehouse,
     experiment: str,
     methods: list[str] | None = None,
@@ -177,19 +197,16 @@ def fit_and_publish(
     n_workers: int = FIT.n_workers,
     shard_size: int = FIT.shard_size,
     log: Callable[[str], None] = print,
-) -> list[Published]:
-    """Fit each method on the fitting runs of the experiment and publish it to the registry.
-
-    Every version gets the alias ``latest-<method>``. ``latest`` goes to the primary method
-    (Simfluence-Momentum) when it is fitted, else to the first Simfluence method fitted, else
-    to the first method.
-    """
+) -> FitJob:
+    """Check the methods, split the complete runs (every ``heldout_every``-th run id held out)
+    and read what the methods need. Methods whose gradients the experiment lacks are skipped
+    with a message. ``latest`` goes to the primary method (Simfluence-Momentum) when it is
+    fitted, else to the first Simfluence method, else to the first method."""
     methods = list(methods or ALL_METHODS)
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise FitError(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
     info = experiment_info(warehouse, experiment)
-    optimizer = optimizer_spec(info.config.get("training", {}))
     fit_ids, held_ids = split_runs(np.array(sorted(complete_run_ids(warehouse, experiment)), dtype=np.int64),
                                    heldout_every)
     fitting = load_runset(warehouse, experiment, run_ids=fit_ids)
@@ -206,23 +223,39 @@ def fit_and_publish(
     if skipped:
         log(f"skipping {', '.join(skipped)}: the experiment has no {METHODS[skipped[0]].needs} gradients")
     methods = [m for m in methods if m not in skipped]
-    context = FitContext(gradients, optimizer)
+    if not methods:
+        raise FitError(f"none of the methods can be fitted on experiment {experiment!r}")
     primary = PRIMARY if PRIMARY in methods else next((m for m in methods if m.startswith("simfluence")), methods[0])
-    digest = data_hash(fitting)
-    published = []
-    with dask_client(dask_address, n_workers) as client:
-        log(f"fitting {len(methods)} methods on {len(fit_ids)} runs ({len(held_ids)} held out) of {experiment!r}, "
-            f"{fitting.n_tests} test examples, Dask {client.scheduler.address}")
-        for method in methods:
-            start = time.perf_counter()
-            if METHODS[method].sharded:
-                simulator = fit_linear_on_dask(client, method, fitting, shard_size)
-            else:
-                simulator = METHODS[method].build(context).fit(fitting)
-            seconds = time.perf_counter() - start
-            aliases = (METHODS[method].alias,) + (("latest",) if method == primary else ())
-            info = registry.publish(warehouse, experiment, simulator, fit_run_ids=fit_ids, heldout_run_ids=held_ids,
-                                    data_hash=digest, config_hash=info.config_hash, aliases=aliases, name=method)
-            log(f"  {method}: version {info.version} in {seconds:.1f} s")
-            published.append(Published(method, info.version, seconds))
-    return published
+    context = FitContext(gradients, optimizer_spec(info.config.get("training", {})))
+    log(f"fitting {len(methods)} methods on {len(fit_ids)} runs ({len(held_ids)} held out) of {experiment!r}, "
+        f"{fitting.n_tests} test examples")
+    return FitJob(warehouse, experiment, methods, primary, fitting, fit_ids, held_ids, context, data_hash(fitting),
+                  info.config_hash, dask_address, n_workers, shard_size)
+
+
+def fit_method(job: FitJob, method: str, log: Callable[[str], None] = print) -> Published:
+    """Fit one method of the job (the Simfluence-Linear family in shards of test examples on
+    Dask) and publish its bundle."""
+    start = time.perf_counter()
+    if METHODS[method].sharded:
+        with dask_client(job.dask_address, job.n_workers) as client:
+            simulator = fit_linear_on_dask(client, method, job.fitting, job.shard_size)
+    else:
+        simulator = METHODS[method].build(job.context).fit(job.fitting)
+    seconds = time.perf_counter() - start
+    aliases = (METHODS[method].alias,) + (("latest",) if method == job.primary else ())
+    bundle = registry.publish(job.warehouse, job.experiment, simulator, fit_run_ids=job.fit_ids,
+                              heldout_run_ids=job.held_ids, data_hash=job.data_hash, config_hash=job.config_hash,
+                              aliases=aliases, name=method)
+    log(f"  {method}: version {bundle.version} in {seconds:.1f} s")
+    return Published(method, bundle.version, seconds)
+
+
+def fit_and_publish(warehouse: Warehouse, experiment: str, methods: list[str] | None = None,
+                    heldout_every: int = FIT.heldout_every, dask_address: str | None = None,
+                    n_workers: int = FIT.n_workers, shard_size: int = FIT.shard_size,
+                    log: Callable[[str], None] = print) -> list[Published]:
+    """:func:`plan_fit`, then :func:`fit_method` for each method (the fit-simulators flow does
+    the same with one Prefect task per method)."""
+    job = plan_fit(warehouse, experiment, methods, heldout_every, dask_address, n_workers, shard_size, log)
+    return [fit_method(job, method, log) for method in job.methods]

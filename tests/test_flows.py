@@ -27,10 +27,22 @@ def home(tmp_path_factory):
     return tmp_path_factory.mktemp("simfluence-home")
 
 
-def test_collect_fit_evaluate_refit_and_the_cli(home, capsys):
-    import json
+def _cli(*args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process: (exit status, stdout, stderr)."""
+    import contextlib
+    import io
 
     from simfluence_platform.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_collect_fit_evaluate_refit_and_the_cli(home):
+    import json
+
     from simfluence_platform.flows.collect import collect_runs
     from simfluence_platform.flows.evaluate import evaluate_simulators
     from simfluence_platform.flows.fit import fit_simulators
@@ -67,14 +79,14 @@ def test_collect_fit_evaluate_refit_and_the_cli(home, capsys):
     assert refit(experiment="tiny", n_boot=50, warehouse=warehouse)["refit"] is False
 
     # The CLI pipeline commands run the same flows on the same warehouse.
-    assert main(["--json", "evaluate", "--experiment", "tiny", "--alias", "best", "--bootstrap", "20",
-                 "--warehouse", warehouse]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert [row["method"] for row in result["leaderboard"]] == ["simfluence_linear"]
-    assert main(["refit", "--experiment", "tiny", "--warehouse", warehouse]) == 0
-    assert "nothing new to refit" in capsys.readouterr().out
-    assert main(["fit", "--experiment", "tiny", "--methods", "oracle", "--warehouse", warehouse]) == 2
-    assert "unknown methods ['oracle']" in capsys.readouterr().err
+    code, out, _ = _cli("--json", "evaluate", "--experiment", "tiny", "--alias", "best", "--bootstrap", "20",
+                        "--warehouse", warehouse)
+    assert code == 0
+    assert [row["method"] for row in json.loads(out)["leaderboard"]] == ["simfluence_linear"]
+    code, out, _ = _cli("refit", "--experiment", "tiny", "--warehouse", warehouse)
+    assert code == 0 and "nothing new to refit" in out
+    code, _, err = _cli("fit", "--experiment", "tiny", "--methods", "oracle", "--warehouse", warehouse)
+    assert code == 2 and "unknown methods ['oracle']" in err
 
 
 
