@@ -187,7 +187,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=90, help="runs per regime (fitting pool + held out)")
     parser.add_argument("--heldout", type=int, default=30)
     parser.add_argument("--curve", default="15,30,60", help="numbers of fitting runs for the runs curve")
-    parser.add_argument("--unseen", default="adamw-3e-4", help="regime of the unseen-examples test ('' to skip)")
+    parser.add_argument("--unseen", default="adamw-1e-4", help="regime of the unseen-examples test ('' to skip)")
+    parser.add_argument("--unseen-runs", type=int, default=60, help="fitting runs of the unseen-examples test")
     parser.add_argument("--cache", type=Path, default=Path("simfluence-data/bench/regimes"))
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--json", type=Path, default=Path("bench/results/regimes.json"))
@@ -201,7 +202,7 @@ def main() -> None:
         raise SystemExit(f"unknown regimes {unknown}; choose from {', '.join(REGIMES)}")
     collected = {name: collect(name, args.runs, args.cache) for name in names}
     if args.unseen:
-        unseen_runs = collect(args.unseen, args.runs - args.heldout, args.cache, unseen=True)
+        unseen_runs = collect(args.unseen, args.unseen_runs, args.cache, unseen=True)
     if args.collect_only:
         return
     results: dict = {"runs": args.runs, "heldout": args.heldout, "regimes": {}}
@@ -235,8 +236,8 @@ def main() -> None:
             checkpoints.append({"checkpoint_steps": steps[index].tolist(), **row})
         print(f"-- {name}: what the number of checkpoints buys (simfluence_momentum, {fit_pool.n_runs} fitting runs)")
         for row in checkpoints:
-            print(f"  checkpoints at {row['checkpoint_steps']}: MSE {row['all_steps_mse']:.5f} "
-                  f"({row['mse_vs_mean_trajectory']:.2f}x mean trajectory), Spearman {row['spearman_across_runs']:.3f}")
+            print(f"  checkpoints at {row['checkpoint_steps']}: MSE {row['all_steps_mse']:.4g} "
+                  f"({row['mse_vs_mean_trajectory']:.3f}x mean trajectory), Spearman {row['spearman_across_runs']:.4f}")
         results["regimes"][name] = {"leaderboard": rows, "curve": curve, "checkpoints": checkpoints}
     if args.unseen and args.unseen in collected:
         data = collected[args.unseen]

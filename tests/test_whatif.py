@@ -85,3 +85,40 @@ def test_bad_test_ids_and_unknown_examples(world):
     edited = whatif.apply_edit(curriculum, "replace:1=40")
     with pytest.raises(sf.SimulatorError, match="unknown training id 40"):
         whatif.counterfactual(simulator, curriculum, edited, initial)
+
+
+def test_effects_equal_brute_force_leave_one_out_over_base_curricula(world):
+    A, B, _, initial = world
+    simulator = sf.SimfluenceLinear.from_parameters(A, B)
+    base = sf.curricula.uniform(12, 4, 10, 3, seed=5)
+    starts = np.repeat(initial[None], 4, axis=0)
+    table = whatif.effects(simulator, base, starts)
+    expected = np.zeros((12, 3))
+    counts = np.zeros(12)
+    for k, curriculum in enumerate(base):
+        final = simulator.simulate(curriculum[None], starts[k][None])[0, -1]
+        for i in np.unique(curriculum[curriculum >= 0]):
+            without = simulator.simulate(sf.curricula.remove(curriculum, [i])[None], starts[k][None])[0, -1]
+            expected[i] += final - without
+            counts[i] += 1
+    seen = counts > 0
+    np.testing.assert_allclose(table.effect[seen], expected[seen] / counts[seen, None], rtol=1e-10, atol=1e-14)
+    np.testing.assert_array_equal(table.n_curricula, counts)
+    assert np.all(np.isnan(table.effect[~seen]))
+    np.testing.assert_allclose(table.effect[5][seen[5]] if seen[5] else 0.0, 0.0, atol=1e-14)  # no-effect example
+
+
+def test_bootstrap_refits_give_intervals_around_the_effects():
+    runs, gradients, _ = sf.synthetic.momentum_runs(16, 4, 30, 16, 4, noise=0.01, seed=2)
+    fitting, heldout = runs.split(6, seed=0)
+    simulator = sf.SimfluenceMomentum(sf.OptimizerSpec("adam", 0.9), gradients, l2_grid=(1e-3,)).fit(fitting)
+    refits = whatif.bootstrap_refits(simulator, fitting, n=12, seed=1)
+    assert len({id(r) for r in refits}) == 12 and all(type(r) is sf.SimfluenceMomentum for r in refits)
+    table = whatif.effects(simulator, heldout.batches[:2], heldout.initial_loss[:2], refits)
+    seen = table.n_curricula > 0
+    assert np.all(table.ci_low[seen] <= table.ci_high[seen])
+    assert np.mean((table.ci_low[seen] <= table.effect[seen]) & (table.effect[seen] <= table.ci_high[seen])) > 0.8
+    assert np.any(table.ci_high[seen] - table.ci_low[seen] > 0)
+    frame = table.table(simulator.test_ids)
+    assert frame.columns == ["train_id", "test_id", "effect", "ci_low", "ci_high", "n_curricula"]
+    assert frame.height == seen.sum() * 4
