@@ -63,7 +63,8 @@ def collect_in_process(config: ExperimentConfig, runs: int, warehouse: str | Non
         try:
             status = train_run_task.with_options(task_run_name=f"train-run-{config.name}-{run_id}",
                                                  retries=retries)(collection, run_id)
-            results[run_id] = {"status": status, "reason": collection.summary.failed.get(run_id, "")}
+            reason = "being trained by another process" if status == "busy" else collection.summary.failed.get(run_id, "")
+            results[run_id] = {"status": status, "reason": reason}
         except Exception as error:  # noqa: BLE001 - a run lost after its retries is reported, the rest go on
             results[run_id] = {"status": "failed", "reason": f"crashed: {error!r}"[:300]}
         update_progress_artifact(progress_id, 100.0 * count / max(1, len(collection.todo)))
@@ -90,7 +91,7 @@ def collect_runs(preset: str | None = "demo", config_path: str | None = None, ru
         register(config, wh, prepare(config, runs))
         todo = [r for r in range(runs) if r not in complete_run_ids(wh, config.name)]
         results = _train_on_workers(config, preset, config_path, warehouse, todo, train_deployment, poll_seconds,
-                                    progress)
+                                    progress, run_retries)
         if gradients and not has_gradients(wh, config.name):
             gradient_task(config, warehouse)
     else:
@@ -110,16 +111,24 @@ def collect_runs(preset: str | None = "demo", config_path: str | None = None, ru
     return {"experiment": config.name, "trained": sorted(results), "complete": sorted(complete), "failed": failed}
 
 
-def _train_on_workers(config, preset, config_path, warehouse, todo, deployment, poll_seconds, progress) -> dict:
-    """One deployment run per training run; ingest while they train; wait for all."""
+def _train_on_workers(config, preset, config_path, warehouse, todo, deployment, poll_seconds, progress,
+                      retries: int) -> dict:
+    """One deployment run per training run; ingest while they train; wait for all. A run whose
+    flow run failed or crashed (a killed worker process is CRASHED, which Prefect's own retries
+    do not cover) is dispatched again, up to ``retries`` times; its new attempt replaces the
+    partial one. A run lost after that is reported ``crashed``."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
     logger = get_run_logger()
-    launched = {run_id: run_deployment(deployment, timeout=0, as_subflow=False,
-                                       parameters={"run_id": run_id, "preset": preset, "config_path": config_path,
-                                                   "warehouse": warehouse}).id
-                for run_id in todo}
+
+    def dispatch(run_id: int):
+        return run_deployment(deployment, timeout=0, as_subflow=False,
+                              parameters={"run_id": run_id, "preset": preset, "config_path": config_path,
+                                          "warehouse": warehouse}).id
+
+    launched = {run_id: dispatch(run_id) for run_id in todo}
+    attempts = dict.fromkeys(todo, 0)
     logger.info(f"dispatched {len(launched)} runs to {deployment}")
     states: dict[int, str] = {}
     with get_client(sync_client=True) as client:
@@ -127,9 +136,19 @@ def _train_on_workers(config, preset, config_path, warehouse, todo, deployment, 
             time.sleep(poll_seconds)
             ingest_shards(warehouse, config.name)
             for run_id, flow_run_id in launched.items():
+                if run_id in states:
+                    continue
                 state = client.read_flow_run(flow_run_id).state
-                if state is not None and state.type.value in FINAL:
-                    states[run_id] = state.type.value
+                if state is None or state.type.value not in FINAL:
+                    continue
+                if state.type.value != "COMPLETED" and attempts[run_id] < retries:
+                    attempts[run_id] += 1
+                    logger.warning(f"run {run_id}: flow run {state.type.value.lower()}; dispatching it again "
+                                   f"({attempts[run_id]}/{retries})")
+                    launched[run_id] = dispatch(run_id)
+                    continue
+                states[run_id] = state.type.value
             update_progress_artifact(progress, 100.0 * len(states) / max(1, len(launched)))
     return {r: {"status": "complete" if s == "COMPLETED" else "failed",
-                "reason": "" if s == "COMPLETED" else f"flow run {s.lower()}"} for r, s in states.items()}
+                "reason": "" if s == "COMPLETED" else f"crashed: flow run {s.lower()} on every attempt"}
+            for r, s in states.items()}

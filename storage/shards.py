@@ -7,7 +7,12 @@ One folder per run, ``<shard_root>/<experiment>/run-<run_id>/``:
 - ``batches-<attempt>.parquet``: the curriculum the run trained on (step, position, example_id);
 - ``losses-<attempt>-<first>-<last>.parquet``: the losses of steps first..last (step, test_id,
   loss), one shard every ``flush_every`` steps;
-- ``marker.json``: ``complete`` or ``failed`` with its reason, written last.
+- ``marker.json``: ``complete`` or ``failed`` with its reason, written last (ingest rewrites a
+  ``complete`` marker as ``failed`` when the shards it vouches for turn out incomplete).
+
+One attempt at a run at a time: the writer holds an exclusive lock on
+``<experiment>/run-<run_id>.lock`` (beside the folder) from its start to its end; the
+operating system releases it when the process dies, so a killed attempt never blocks a new one.
 
 Every file is written under a temporary name (``.tmp-*``) and renamed into place, so readers only
 ever see whole files; a run killed at any moment leaves whole shards and no marker. Starting
@@ -16,6 +21,7 @@ a run again (a new attempt) clears the folder of the earlier attempt's files fir
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -38,6 +44,10 @@ MARKER_NAME = "marker.json"
 
 class ShardError(UserError, RuntimeError):
     """Raised when a run cannot be written (already complete, bad arguments)."""
+
+
+class RunBusyError(ShardError):
+    """Raised when another live process is writing the same run."""
 
 
 def utc_now() -> str:
@@ -87,6 +97,34 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def write_marker(folder: Path, marker: dict[str, Any]) -> None:
+    write_atomic(folder / MARKER_NAME, lambda p: p.write_text(json.dumps(marker)))
+
+
+def read_footer(path: Path) -> pq.FileMetaData | None:
+    """The Parquet footer of a shard, or None when the file is not a whole Parquet file."""
+    try:
+        return pq.read_metadata(path)
+    except Exception:  # noqa: BLE001 - truncated, empty or not Parquet at all: all mean unreadable
+        return None
+
+
+def pending_loss_shards(shard_root: str | Path, loaded: set[str]) -> list[Path]:
+    """Whole, readable loss shards under ``shard_root`` whose path relative to it is not in
+    ``loaded`` (the ingest manifest), in path order. Unreadable files are left out."""
+    root = Path(shard_root)
+    if not root.exists():
+        return []
+    pending = []
+    for path in sorted(root.glob("*/run-*/losses-*.parquet")):
+        if path.relative_to(root).as_posix() in loaded:
+            continue
+        footer = read_footer(path)
+        if footer is not None and footer.schema.to_arrow_schema().equals(LOSS_SCHEMA, check_metadata=False):
+            pending.append(path)
+    return pending
+
+
 class LossShardWriter:
     """Streams one run's losses to Parquet shards.
 
@@ -105,11 +143,20 @@ class LossShardWriter:
         self.header = header
         self.flush_every = flush_every
         self.folder = run_dir(shard_root, header.experiment, header.run_id)
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.folder.with_name(self.folder.name + ".lock"), "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise RunBusyError(f"run {header.run_id} of {header.experiment} is being written by another "
+                               f"live process ({self.folder})") from None
         marker = read_marker(self.folder) if self.folder.exists() else None
         if marker is not None and marker.get("status") == "complete":
+            self.close()
             raise ShardError(f"run {header.run_id} of {header.experiment} is already complete in {self.folder}")
         if self.folder.exists():
-            shutil.rmtree(self.folder)  # an earlier, unfinished attempt
+            shutil.rmtree(self.folder)  # an earlier attempt: unfinished, failed, or found incomplete at ingest
         self.folder.mkdir(parents=True)
         write_atomic(self.folder / HEADER_NAME, lambda p: p.write_text(json.dumps(asdict(header), indent=2)))
         self._steps: list[int] = []
@@ -173,4 +220,11 @@ class LossShardWriter:
     def _finish(self, marker: dict[str, Any]) -> None:
         self.flush()
         marker.update(attempt=self.header.attempt, finished_at=utc_now())
-        write_atomic(self.folder / MARKER_NAME, lambda p: p.write_text(json.dumps(marker)))
+        write_marker(self.folder, marker)
+        self.close()
+
+    def close(self) -> None:
+        """Release the run's lock (done by ``complete`` and ``fail``; call it when a run is
+        abandoned by an exception). Idempotent."""
+        if not self._lock.closed:
+            self._lock.close()

@@ -246,7 +246,7 @@ class Warehouse:
                         raise WarehouseError(f"{self.lock_path}: another writer held the lock for {timeout:.0f} s")
                     time.sleep(0.05)
             try:
-                con = duckdb.connect(str(self.path))
+                con = self._connect_for_writing(deadline)
                 try:
                     migrate(con, self.path)
                     yield con
@@ -255,10 +255,27 @@ class Warehouse:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def _connect_for_writing(self, deadline: float) -> duckdb.DuckDBPyConnection:
+        """Open the file read-write, waiting with backoff (0.05 s doubling to 1 s) while readers
+        in other processes hold it; past ``deadline`` (``time.monotonic()``) raise, naming the
+        process DuckDB reports as the holder."""
+        wait = 0.05
+        while True:
+            try:
+                return duckdb.connect(str(self.path))
+            except duckdb.IOException as error:
+                if time.monotonic() + wait > deadline:
+                    holder = re.search(r"Conflicting lock is held in (.*?)(?: \(PID (\d+)\))", str(error))
+                    who = f"{holder.group(1)} (pid {holder.group(2)})" if holder else "another process"
+                    raise WarehouseError(f"{self.path}: {who} kept the file open for reading; gave up waiting to "
+                                         f"write (close that connection and run the command again)") from None
+                time.sleep(wait)
+                wait = min(1.0, wait * 2)
+
     # ---- reading -------------------------------------------------------------------------
 
     @contextmanager
-    def reader(self, timeout: float = 30.0) -> Iterator[duckdb.DuckDBPyConnection]:
+    def reader(self, timeout: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
         """Read-only connection; retries while a writer holds the file. Never takes the lock."""
         if not self.path.exists():
             raise WarehouseError(f"{self.path}: no warehouse here yet (collect or ingest runs first)")
@@ -270,7 +287,7 @@ class Warehouse:
             except duckdb.IOException as error:
                 if time.monotonic() > deadline:
                     raise WarehouseError(f"{self.path}: still being written after {timeout:.0f} s ({error})") from None
-                time.sleep(0.1)
+                time.sleep(0.05)
         try:
             version = schema_version(con)
             if version != SCHEMA_VERSION:
@@ -285,23 +302,29 @@ class Warehouse:
 
 
     def _create_live_losses(self, con: duckdb.DuckDBPyConnection) -> None:
-        """TEMP VIEW ``live_losses``: loss rows in shard files not yet ingested (never locked)."""
-        root = self.shard_root.resolve().as_posix().replace("'", "''")
-        pattern = f"{root}/*/run-*/losses-*.parquet"
-        if next(self.shard_root.glob("*/run-*/losses-*.parquet"), None) is None:
+        """TEMP VIEW ``live_losses``: loss rows in shard files not yet ingested (never locked).
+
+        Only whole, readable loss shards are listed (a corrupt file is left out here and
+        quarantined by the next ingest), by explicit path, so no folder name is read as a
+        glob pattern."""
+        from simfluence_platform.storage.shards import pending_loss_shards  # shards imports this module
+
+        loaded = {row[0] for row in con.execute("SELECT path FROM shard_manifest").fetchall()}
+        files = [p.resolve().as_posix() for p in pending_loss_shards(self.shard_root, loaded)]
+        if not files:
             con.execute(
                 "CREATE TEMP VIEW live_losses AS SELECT NULL::VARCHAR AS experiment, NULL::INTEGER AS run_id, "
                 "NULL::INTEGER AS step, NULL::INTEGER AS test_id, NULL::DOUBLE AS loss, NULL::VARCHAR AS shard "
                 "WHERE false"
             )
             return
+        listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
         con.execute(f"""
             CREATE TEMP VIEW live_losses AS
             SELECT regexp_extract(filename, '([^/]+)/run-[0-9]+/[^/]+$', 1) AS experiment,
-                   CAST(regexp_extract(filename, 'run-([0-9]+)/', 1) AS INTEGER) AS run_id,
+                   CAST(regexp_extract(filename, 'run-([0-9]+)/[^/]+$', 1) AS INTEGER) AS run_id,
                    step, test_id, loss, filename AS shard
-            FROM read_parquet('{pattern}', filename = true)
-            WHERE filename NOT IN (SELECT '{root}/' || path FROM shard_manifest)
+            FROM read_parquet([{listed}], filename = true)
         """)
 
 

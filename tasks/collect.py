@@ -18,10 +18,10 @@ from simfluence_platform.storage.experiments import (
     register_experiment,
     store_gradients,
 )
-from simfluence_platform.storage.ingest import ingest
+from simfluence_platform.storage.ingest import IngestReport, ingest
 from simfluence_platform.storage.registry import code_version
-from simfluence_platform.storage.shards import LossShardWriter, RunHeader
-from simfluence_platform.storage.warehouse import Warehouse
+from simfluence_platform.storage.shards import LossShardWriter, RunHeader, ShardError
+from simfluence_platform.storage.warehouse import Warehouse, WarehouseError
 from simfluence_platform.tasks.config import ExperimentConfig
 from simfluence_platform.tasks.data import Examples, load_examples
 from simfluence_platform.tasks.runs import curriculum_for_run, run_seed
@@ -43,14 +43,32 @@ def register(config: ExperimentConfig, warehouse: Warehouse, examples: Examples)
 
 
 def train_run(config: ExperimentConfig, trainer, warehouse: Warehouse, run_id: int, on_step=None):
-    """Train run ``run_id`` and stream its shards (does not ingest)."""
+    """Train run ``run_id`` and stream its shards (does not ingest). Raises ``RunBusyError`` when
+    another live process is training the same run and ``ShardError`` when it is already complete."""
     batches = curriculum_for_run(config, run_id)
     header = RunHeader(config.name, run_id, batches.shape[0], batches.shape[1], len(trainer.test_data),
                        seed=run_seed(config, run_id), curriculum_kind=config.curriculum.kind,
                        config_hash=config_hash(config.identity()), code_version=code_version())
     writer = LossShardWriter(warehouse.shard_root, header, flush_every=config.flush_every)
-    writer.write_batches(batches)
-    return trainer.run(batches, header.seed, writer, on_step=on_step)
+    try:
+        writer.write_batches(batches)
+        return trainer.run(batches, header.seed, writer, on_step=on_step)
+    finally:
+        writer.close()  # a crashed run frees the run for its retry
+
+
+INGEST_WAIT_SECONDS = 15.0
+
+
+def ingest_pending(warehouse: Warehouse, experiment: str, log: Callable[[str], None]) -> IngestReport | None:
+    """Ingest what is waiting; when readers keep the warehouse busy for ``INGEST_WAIT_SECONDS``,
+    say so and go on (the shards stay on disk for the next ingest): training never waits long
+    for the warehouse."""
+    try:
+        return ingest(warehouse, experiment, timeout=INGEST_WAIT_SECONDS)
+    except WarehouseError as error:
+        log(f"ingest postponed: {error}")
+        return None
 
 
 def prepare(config: ExperimentConfig, runs: int) -> Examples:
@@ -93,6 +111,8 @@ def start_collection(config: ExperimentConfig, runs: int, warehouse: Warehouse, 
 
     summary = CollectSummary(config.name)
     examples = prepare(config, runs)
+    if warehouse.path.exists():
+        ingest(warehouse, config.name)  # runs finished but not ingested by a killed collection count as done
     done = complete_run_ids(warehouse, config.name)
     todo = [r for r in range(runs) if r not in done]
     summary.skipped = sorted(done & set(range(runs)))
@@ -106,14 +126,21 @@ def start_collection(config: ExperimentConfig, runs: int, warehouse: Warehouse, 
 
 
 def collect_run(collection: Collection, run_id: int, log: Callable[[str], None] = lambda message: None) -> str:
-    """Train one run of the collection, ingest it, and record the outcome; returns its status."""
-    outcome = train_run(collection.config, collection.trainer, collection.warehouse, run_id)
+    """Train one run of the collection, ingest it, and record the outcome; returns its status:
+    ``complete``, ``failed``, or ``busy`` when another live process is training it (or has just
+    finished it), in which case this collection leaves it to that process."""
+    try:
+        outcome = train_run(collection.config, collection.trainer, collection.warehouse, run_id)
+    except ShardError as error:  # RunBusyError, or completed meanwhile by another collection
+        log(f"run {run_id}: skipped ({error})")
+        collection.summary.skipped.append(run_id)
+        return "busy"
     if outcome.status == "complete":
         collection.summary.trained.append(run_id)
     else:
         collection.summary.failed[run_id] = outcome.reason or "failed"
-    report = ingest(collection.warehouse, collection.config.name)
-    log(f"run {run_id}: {outcome.status}; ingested {report.loaded_rows} rows")
+    report = ingest_pending(collection.warehouse, collection.config.name, log)
+    log(f"run {run_id}: {outcome.status}" + (f"; ingested {report.loaded_rows} rows" if report else ""))
     return outcome.status
 
 

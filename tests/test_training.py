@@ -80,6 +80,19 @@ def test_a_crashed_run_leaves_no_marker_and_collect_recovers(tiny, trainer, tmp_
     assert load_runset(wh, "tiny").n_runs == 2
 
 
+def test_a_run_finished_but_not_ingested_counts_as_done(tiny, trainer, tmp_path):
+    """A collection killed between a run's completion marker and its ingest: the next one
+    ingests it first instead of refusing the run as already complete."""
+    config, _ = tiny
+    wh = Warehouse(tmp_path / "warehouse.duckdb")
+    collect(config, 1, wh, gradients=False)
+    train_run(config, trainer, wh, 1)  # shards and marker written; the ingest never happened
+    assert (wh.shard_root / "tiny" / "run-000001" / "marker.json").exists()
+    summary = collect(config, 2, wh, gradients=False)
+    assert summary.trained == [] and summary.skipped == [0, 1]
+    assert load_runset(wh, "tiny").n_runs == 2
+
+
 def test_a_diverging_run_is_marked_failed(tiny, tmp_path):
     config = from_dict(_merge(PRESETS["tiny"], {"training": {"learning_rate": 1e30}}))
     wh = Warehouse(tmp_path / "warehouse.duckdb")
