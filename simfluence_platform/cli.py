@@ -169,7 +169,8 @@ def _add_storage(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
     p.add_argument("--experiment", default=None, help="only this experiment's shards")
     p.set_defaults(handler=cmd_ingest)
-    p = sub.add_parser("sql", help="run a read-only SQL query against the warehouse")
+    p = sub.add_parser("sql", help="run one read-only SQL query against the warehouse "
+                                        "(files only under its shards folder)")
     p.add_argument("query")
     p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")

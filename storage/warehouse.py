@@ -215,10 +215,9 @@ class QueryError(WarehouseError, ValueError):
     """A user's query that :meth:`Warehouse.query` refused or that DuckDB could not run."""
 
 
-# What an untrusted query may be: DuckDB parses WITH, VALUES, FROM-first, SHOW, DESCRIBE and
-# SUMMARIZE as SELECT statements; PRAGMA, CALL, SET, ATTACH, COPY, EXPORT, LOAD/INSTALL and
-# every statement that writes have types of their own.
-QUERY_STATEMENTS = frozenset({duckdb.StatementType.SELECT})
+# What an untrusted query may start with: DuckDB parses all of these as SELECT statements, and
+# PRAGMA, CALL, SET, ATTACH, DETACH, COPY, EXPORT, LOAD/INSTALL and every statement that writes
+# as statements of other types.
 QUERY_KEYWORDS = ("SELECT", "WITH", "VALUES", "FROM", "SHOW", "DESCRIBE", "SUMMARIZE")
 
 T = TypeVar("T")
@@ -318,7 +317,7 @@ class Warehouse:
                 raise QueryError("no SQL statement given" if not statements else
                                  f"one statement per call, got {len(statements)}")
             statement = statements[0]
-            if statement.type not in QUERY_STATEMENTS:
+            if statement.type != duckdb.StatementType.SELECT:
                 raise QueryError(f"only read-only queries are allowed ({', '.join(QUERY_KEYWORDS)}); "
                                  f"this is a {statement.type.name} statement")
             try:
