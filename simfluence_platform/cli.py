@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from decimal import Decimal
 
 import numpy as np
 import polars as pl
@@ -139,28 +141,27 @@ def cmd_ingest(args: argparse.Namespace) -> dict:
 
 
 def cmd_sql(args: argparse.Namespace) -> dict | None:
-    """Run one read-only query; never takes the writer lock."""
-    import duckdb
-
-    with _warehouse(args).reader() as con:
-        try:
-            frame = con.sql(args.query).pl()
-        except duckdb.Error as error:
-            raise SqlError(f"{type(error).__name__}: {error}".splitlines()[0]) from None
-        except AttributeError:
-            raise SqlError("the statement returns no rows (only queries are allowed: the warehouse opens read-only)")
-    if args.json or args.format == "json":
-        return {"columns": frame.columns, "rows": frame.rows()} if args.json else print(frame.write_json()) or None
-    if args.format == "csv":
-        print(frame.write_csv(), end="")
+    """Run one read-only query (see :meth:`Warehouse.query`); never takes the writer lock."""
+    frame = _warehouse(args).query(args.query)
+    if args.json:
+        return {"columns": frame.columns, "rows": frame.rows()}
+    if args.format == "json":
+        print(to_json(frame.to_dicts()))
+    elif args.format == "csv":
+        print(nested_as_json(frame).write_csv(), end="")
     else:
         with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
             print(frame)
     return None
 
 
-class SqlError(UserError, ValueError):
-    """A query the warehouse refused."""
+def nested_as_json(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with its list, array and struct columns as JSON text (CSV has no nested values)."""
+    return frame.with_columns(
+        pl.Series(name, [None if value is None else to_json(value, indent=None) for value in frame[name].to_list()],
+                  dtype=pl.String)
+        for name, dtype in frame.schema.items() if dtype.is_nested()
+    )
 
 
 def _add_storage(sub: argparse._SubParsersAction) -> None:
@@ -168,7 +169,8 @@ def _add_storage(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
     p.add_argument("--experiment", default=None, help="only this experiment's shards")
     p.set_defaults(handler=cmd_ingest)
-    p = sub.add_parser("sql", help="run a read-only SQL query against the warehouse")
+    p = sub.add_parser("sql", help="run one read-only SQL query against the warehouse "
+                                        "(files only under its shards folder)")
     p.add_argument("query")
     p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -399,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
+    for command in sub.choices.values():  # also after the command; absent there, the value above stays
+        command.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                             help="print one JSON document instead of tables")
     return parser
 
 
@@ -421,16 +426,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"simfluence {args.command}: error: {error}", file=sys.stderr)
         return 2
     if args.json and result is not None:
-        print(json.dumps(result, default=_json_default, indent=2))
+        print(to_json(result))
     return 0
 
 
-def _json_default(value: object) -> object:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"cannot serialise {type(value).__name__}")
+def to_json(value: object, indent: int | None = 2) -> str:
+    """Strict JSON of a command's result: NaN and infinities become null, NumPy values and
+    decimals plain numbers and lists, anything else that JSON lacks (dates, paths) its text."""
+    return json.dumps(_jsonable(value), indent=indent, allow_nan=False)
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, (np.generic, np.ndarray)):
+        value = value.tolist()
+    if isinstance(value, Decimal):
+        value = float(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    return str(value)
 
 
 if __name__ == "__main__":

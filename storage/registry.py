@@ -6,7 +6,14 @@ method, hyperparameters, the fitting and held-out run ids, data and config hashe
 version, metrics, and the sha256 of every file. The version is the first 16 hex digits of the
 sha256 of the manifest's content part, so the same fit gives the same version. Bundles are
 written in a staging folder and renamed into place (atomic publish); the ``simulators`` and
-``aliases`` tables index them. Loading verifies every file's hash and refuses a mismatch.
+``aliases`` tables index them.
+
+Loading binds a bundle to the version asked for: a version read from the database must have
+a version's form (16 lowercase hex digits); the bundle is found from the experiment and the
+version alone (never from the ``path`` column), must resolve to exactly
+``<registry_root>/<experiment>/<version>`` and hold no symbolic link; its manifest must state
+that version and hash to it, list exactly the files present, and every file must match its
+sha256. A bundle copied or linked into another version's folder is therefore refused.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -27,6 +35,10 @@ from simfluence.simulators import Simulator, load_simulator
 from simfluence_platform.storage.warehouse import Warehouse, WarehouseError, check_name, fetch_one
 
 MANIFEST = "manifest.json"
+# The manifest's part that its version is the hash of.
+CONTENT_KEYS = ("experiment", "name", "method", "hyperparameters", "fit_run_ids", "heldout_run_ids", "data_hash",
+                "config_hash", "files")
+VERSION_PATTERN = re.compile(r"[0-9a-f]{16}")
 
 
 class RegistryError(WarehouseError):
@@ -55,6 +67,16 @@ def code_version() -> str:
     except OSError:
         pass
     return f"{__version__}+{commit}" if commit else __version__
+
+
+def is_version(text: object) -> bool:
+    """Whether ``text`` has a version's form: 16 lowercase hex digits."""
+    return isinstance(text, str) and VERSION_PATTERN.fullmatch(text) is not None
+
+
+def _version_of(content: dict[str, Any]) -> str:
+    """The version of a manifest's content part: the first 16 hex digits of its sha256."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _sha256(path: Path) -> str:
@@ -102,7 +124,7 @@ def publish(
             "config_hash": config_hash,
             "files": files,
         }
-        version = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+        version = _version_of(content)
         manifest = {**content, "version": version, "code_version": code_version(), "metrics": metrics or {}}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         final = root / version
@@ -113,7 +135,7 @@ def publish(
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    manifest = json.loads((final / MANIFEST).read_text())
+    manifest = verify(bundle_folder(warehouse, experiment, version), version)  # ours, or one published before
     with warehouse.writer() as con:
         con.execute("BEGIN TRANSACTION")
         con.execute(
@@ -148,6 +170,8 @@ def alias_version(warehouse: Warehouse, experiment: str, alias: str) -> str | No
 def set_alias(warehouse: Warehouse, experiment: str, alias: str, version: str) -> None:
     """Point ``alias`` (e.g. ``best`` or a user name) at an existing version."""
     check_name(alias, "alias")
+    if not is_version(version):
+        raise RegistryError(f"{version!r} is not a version (16 lowercase hex digits)")
     with warehouse.writer() as con:
         if fetch_one(con, "SELECT 1 FROM simulators WHERE experiment = ? AND version = ?", [experiment, version]) is None:
             raise RegistryError(f"experiment {experiment!r} has no simulator version {version!r}")
@@ -160,30 +184,69 @@ def resolve(warehouse: Warehouse, experiment: str, ref: str) -> BundleInfo:
     check_name(ref, "version or alias")
     with warehouse.reader() as con:
         row = fetch_one(con, "SELECT version FROM aliases WHERE experiment = ? AND alias = ?", [experiment, ref])
+        if row is not None and not is_version(row[0]):
+            raise RegistryError(f"alias {ref!r} of experiment {experiment!r} points at {row[0]!r}, not a version "
+                                "(16 lowercase hex digits); refusing to load it")
         version = row[0] if row else ref
-        if fetch_one(con, "SELECT 1 FROM simulators WHERE experiment = ? AND version = ?", [experiment, version]) is None:
+        if not is_version(version) or fetch_one(
+                con, "SELECT 1 FROM simulators WHERE experiment = ? AND version = ?", [experiment, version]) is None:
             known = [r[0] for r in con.execute(
                 "SELECT alias FROM aliases WHERE experiment = ? ORDER BY alias", [experiment]).fetchall()]
             raise RegistryError(f"experiment {experiment!r} has no simulator version or alias {ref!r} "
                                 f"(aliases: {', '.join(known) or 'none'})")
-    path = warehouse.registry_root / experiment / version
-    return BundleInfo(experiment, version, path, verify(path))
+    path = bundle_folder(warehouse, experiment, version)
+    return BundleInfo(experiment, version, path, verify(path, version))
 
 
-def verify(path: Path) -> dict[str, Any]:
-    """Check every file of a bundle against its manifest; return the manifest."""
+def bundle_folder(warehouse: Warehouse, experiment: str, version: str) -> Path:
+    """``<registry_root>/<experiment>/<version>``, refused unless it resolves to exactly that
+    place: neither the bundle's folder nor its experiment's may be a symbolic link (the
+    registry folder itself may be)."""
+    folder = warehouse.registry_root / experiment / version
+    expected = warehouse.registry_root.resolve() / experiment / version
+    if folder.resolve() != expected:
+        raise RegistryError(f"{folder}: a symbolic link (to {folder.resolve()}); a bundle must be a real folder "
+                            f"in {expected.parent}")
+    return folder
+
+
+def verify(path: Path, version: str) -> dict[str, Any]:
+    """Check a folder as the bundle of ``version``; return its manifest.
+
+    The folder's name, the manifest's version and the manifest's hash must all be ``version``;
+    the folder must hold exactly the files the manifest lists plus the manifest, none of them a
+    symbolic link, each matching its sha256.
+    """
+    if path.name != version:
+        raise RegistryError(f"{path}: the folder of version {path.name}, not {version}")
+    if not path.is_dir():
+        raise RegistryError(f"{path}: no bundle here; the registry lost version {version}")
+    entries = sorted(path.iterdir())
+    for entry in entries:
+        if entry.is_symlink() or not entry.is_file():
+            what = "a symbolic link" if entry.is_symlink() else "not a plain file"
+            raise RegistryError(f"{entry}: {what} in a bundle; refusing to load it")
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise RegistryError(f"{path}: no {MANIFEST}; not a registry bundle")
-    manifest = json.loads(manifest_path.read_text())
-    content = {k: manifest[k] for k in ("experiment", "name", "method", "hyperparameters", "fit_run_ids",
-                                        "heldout_run_ids", "data_hash", "config_hash", "files")}
-    if hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16] != manifest["version"]:
-        raise RegistryError(f"{manifest_path}: manifest does not hash to its version {manifest['version']}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        content = {key: manifest[key] for key in CONTENT_KEYS}
+        stated = manifest["version"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise RegistryError(f"{manifest_path}: not a bundle manifest ({type(error).__name__}: {error})") from None
+    if stated != version:
+        raise RegistryError(f"{manifest_path}: the manifest of version {stated}, not {version} (a bundle moved or "
+                            "copied into another version's folder?); refusing to load it")
+    if _version_of(content) != version:
+        raise RegistryError(f"{manifest_path}: manifest does not hash to its version {version}")
+    present = sorted(entry.name for entry in entries if entry.name != MANIFEST)
+    if present != sorted(manifest["files"]):
+        raise RegistryError(f"{path}: holds {present}, its manifest lists {sorted(manifest['files'])}; "
+                            "refusing to load it")
     for name, expected in manifest["files"].items():
-        file = path / name
-        if not file.is_file() or _sha256(file) != expected:
-            raise RegistryError(f"{file}: content does not match the hash in {MANIFEST}; refusing to load")
+        if _sha256(path / name) != expected:
+            raise RegistryError(f"{path / name}: content does not match the hash in {MANIFEST}; refusing to load")
     return manifest
 
 

@@ -5,7 +5,9 @@ open the file read-only. So every write goes through :meth:`Warehouse.writer`, w
 exclusive file lock (``warehouse.duckdb.lock``) for the duration of a short transaction, and
 readers use :meth:`Warehouse.reader`, which opens the file read-only, retrying while a writer
 holds it, and never takes the lock. Training runs never open the file: they write Parquet
-shards that the single ingest process loads (see :mod:`storage.ingest`).
+shards that the single ingest process loads (see :mod:`storage.ingest`). A user's own SQL
+runs through :meth:`Warehouse.query`: one read-only statement, in a locked-down instance that
+reads no file outside the shard folder.
 
 Layout under the home folder (``$SIMFLUENCE_HOME`` or ``./simfluence-data``)::
 
@@ -20,11 +22,13 @@ import fcntl
 import re
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
+import polars as pl
 from simfluence_platform.errors import UserError
 
 SCHEMA_VERSION = 2
@@ -207,6 +211,23 @@ class WarehouseError(UserError, RuntimeError):
     """Raised for an unusable warehouse file (newer schema, unreadable, locked too long)."""
 
 
+class QueryError(WarehouseError, ValueError):
+    """A user's query that :meth:`Warehouse.query` refused or that DuckDB could not run."""
+
+
+# What an untrusted query may start with: DuckDB parses all of these as SELECT statements, and
+# PRAGMA, CALL, SET, ATTACH, DETACH, COPY, EXPORT, LOAD/INSTALL and every statement that writes
+# as statements of other types.
+QUERY_KEYWORDS = ("SELECT", "WITH", "VALUES", "FROM", "SHOW", "DESCRIBE", "SUMMARIZE")
+
+T = TypeVar("T")
+
+
+def _one_line(error: duckdb.Error) -> str:
+    """DuckDB's message without its context lines (LINE 1: ..., the caret)."""
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
 def default_home() -> Path:
     """``$SIMFLUENCE_HOME`` or ``./simfluence-data``."""
     return Path(os.environ.get("SIMFLUENCE_HOME", "simfluence-data"))
@@ -276,30 +297,103 @@ class Warehouse:
 
     @contextmanager
     def reader(self, timeout: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Read-only connection; retries while a writer holds the file. Never takes the lock."""
-        if not self.path.exists():
-            raise WarehouseError(f"{self.path}: no warehouse here yet (collect or ingest runs first)")
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                con = duckdb.connect(str(self.path), read_only=True)
-                break
-            except duckdb.IOException as error:
-                if time.monotonic() > deadline:
-                    raise WarehouseError(f"{self.path}: still being written after {timeout:.0f} s ({error})") from None
-                time.sleep(0.05)
+        """Read-only connection for this package's own queries; retries while a writer holds the
+        file. Never takes the lock.
+
+        Its configuration is not locked: DuckDB shares settings between the connections a process
+        has to one file, and these connections only run fixed, parameterised queries. SQL from a
+        user goes through :meth:`query` instead.
+        """
+        self._require_file()
+        con = self._retry(lambda: duckdb.connect(str(self.path), read_only=True), timeout)
         try:
-            version = schema_version(con)
-            if version != SCHEMA_VERSION:
-                raise WarehouseError(
-                    f"{self.path}: schema version {version}, this code reads {SCHEMA_VERSION}"
-                    + ("; open it with a writer to upgrade it" if version < SCHEMA_VERSION else "; upgrade simfluence")
-                )
+            self._check_schema(con)
             self._create_live_losses(con)
             yield con
         finally:
             con.close()
 
+    def query(self, sql: str, timeout: float = 30.0) -> pl.DataFrame:
+        """Run one untrusted read-only statement and return its rows.
+
+        ``sql`` must be exactly one statement that only reads (SELECT, WITH, VALUES, FROM,
+        SHOW, DESCRIBE, SUMMARIZE). It runs in a private in-memory DuckDB instance with this
+        warehouse attached read-only, the ``live_losses`` view, no extensions, file access
+        limited to the shard folder, and its configuration locked before the statement runs.
+
+        Raises:
+            QueryError: several statements or none, a statement that is not a query, a file
+                outside the shard folder, or any error DuckDB reports (in one line).
+        """
+        with self._sandbox(timeout) as con:
+            try:
+                statements = con.extract_statements(sql)
+            except duckdb.Error as error:
+                raise QueryError(_one_line(error)) from None
+            if len(statements) != 1:
+                raise QueryError("no SQL statement given" if not statements else
+                                 f"one statement per call, got {len(statements)}")
+            statement = statements[0]
+            if statement.type != duckdb.StatementType.SELECT:
+                raise QueryError(f"only read-only queries are allowed ({', '.join(QUERY_KEYWORDS)}); "
+                                 f"this is a {statement.type.name} statement")
+            try:
+                return con.sql(statement).pl()
+            except duckdb.PermissionException as error:
+                raise QueryError(f"only files under {self._shard_folder()} can be read: {_one_line(error)}") from None
+            except duckdb.Error as error:
+                raise QueryError(_one_line(error)) from None
+
+    @contextmanager
+    def _sandbox(self, timeout: float) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A private in-memory instance with the warehouse attached read-only as its default
+        database, ``live_losses`` created, then its configuration locked.
+
+        A private instance, because DuckDB's settings belong to the instance, which every
+        connection a process opens to the same file shares: locking one would lock them all.
+        """
+        self._require_file()
+        con = duckdb.connect(":memory:", config={"temp_directory": f"{self.path}.tmp"})
+        try:
+            self._retry(lambda: con.execute("ATTACH ? AS warehouse (READ_ONLY)", [str(self.path)]), timeout)
+            con.execute("USE warehouse")
+            self._check_schema(con)
+            self._create_live_losses(con)
+            con.execute("SET autoinstall_known_extensions = false")
+            con.execute("SET autoload_known_extensions = false")
+            con.execute("SET allowed_directories = ?", [[self._shard_folder()]])
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+            yield con
+        finally:
+            con.close()
+
+    def _shard_folder(self) -> str:
+        """The one folder untrusted queries may read files in: the resolved shard root, with a slash."""
+        return self.shard_root.resolve().as_posix() + "/"
+
+    def _require_file(self) -> None:
+        if not self.path.exists():
+            raise WarehouseError(f"{self.path}: no warehouse here yet (collect or ingest runs first)")
+
+    def _retry(self, open_: Callable[[], T], timeout: float) -> T:
+        """``open_()``, retried while another process writes the file (DuckDB refuses to open it then)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return open_()
+            except duckdb.IOException as error:
+                if time.monotonic() > deadline:
+                    raise WarehouseError(f"{self.path}: still being written after {timeout:.0f} s ({error})") from None
+                time.sleep(0.05)
+
+    def _check_schema(self, con: duckdb.DuckDBPyConnection) -> None:
+        version = schema_version(con)
+        if version != SCHEMA_VERSION:
+            raise WarehouseError(
+                f"{self.path}: schema version {version}, this code reads {SCHEMA_VERSION}"
+                + ("; open it with a writer to upgrade it" if version < SCHEMA_VERSION else "; upgrade simfluence")
+            )
 
     def _create_live_losses(self, con: duckdb.DuckDBPyConnection) -> None:
         """TEMP VIEW ``live_losses``: loss rows in shard files not yet ingested (never locked).
