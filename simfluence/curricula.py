@@ -84,6 +84,9 @@ def load(path: str | Path, n: int) -> np.ndarray:
     try:
         if suffix == ".json":
             data = json.loads(path.read_text())
+            if not isinstance(data, list) or not all(isinstance(row, list) for row in data):
+                raise CurriculumError(f"expected nested lists ([run][step][position] or [step][position]), "
+                                      f"got {type(data).__name__}")
             if data and data[0] and not isinstance(data[0][0], list):
                 data = [data]
             return from_list(data, n)

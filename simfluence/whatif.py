@@ -27,41 +27,64 @@ EDIT_HELP = (
 _EDIT = re.compile(r"^(remove|repeat|move|swap|reorder|replace|insert):(.+)$")
 
 
-def _ints(text: str, edit: str) -> list[int]:
+def _ints(text: str, edit: str, count: int | None = None) -> list[int]:
+    """The comma-separated integers of ``text``; exactly ``count`` of them when given."""
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise CurriculumError(f"edit {edit!r}: expected integers, got {text!r}") from None
+    if not values or (count is not None and len(values) != count):
+        want = f"{count} integer{'s' if count != 1 else ''}" if count else "at least one integer"
+        raise CurriculumError(f"edit {edit!r}: expected {want}, got {text!r}; edits are {EDIT_HELP}")
+    return values
 
 
-def apply_edit(curriculum: np.ndarray, edit: str, seed: int = 0) -> np.ndarray:
-    """Apply one edit written as in :data:`EDIT_HELP` to ``int[T, b]``; returns a new array."""
+def _examples(curriculum: np.ndarray, ids: list[int], edit: str, n_train: int | None, present: bool) -> list[int]:
+    """Check training example ids: in ``0..n_train-1`` and, when ``present``, in the curriculum."""
+    for example_id in ids:
+        if example_id < 0 or (n_train is not None and example_id >= n_train):
+            top = f"0..{n_train - 1}" if n_train is not None else "0 or more"
+            raise CurriculumError(f"edit {edit!r}: training example id {example_id} is outside {top}")
+        if present and not (curriculum == example_id).any():
+            raise CurriculumError(f"edit {edit!r}: training example {example_id} does not occur in this curriculum")
+    return ids
+
+
+def apply_edit(curriculum: np.ndarray, edit: str, seed: int = 0, n_train: int | None = None) -> np.ndarray:
+    """Apply one edit written as in :data:`EDIT_HELP` to ``int[T, b]``; returns a new array.
+    Example ids are checked against ``0..n_train-1`` when ``n_train`` is given; ``remove`` and
+    ``move`` need ids that occur in the curriculum."""
     match = _EDIT.match(edit.strip())
     if not match:
         raise CurriculumError(f"unknown edit {edit!r}; edits are {EDIT_HELP}")
     kind, arg = match.groups()
     if kind == "remove":
-        return curricula.remove(curriculum, _ints(arg, edit))
+        return curricula.remove(curriculum, _examples(curriculum, _ints(arg, edit), edit, n_train, present=True))
     if kind == "repeat":
         example, _, times = arg.partition("x")
-        return curricula.repeat(curriculum, _ints(example, edit)[0], _ints(times, edit)[0], seed=seed)
+        (example_id,) = _examples(curriculum, _ints(example, edit, 1), edit, n_train, present=False)
+        return curricula.repeat(curriculum, example_id, _ints(times, edit, 1)[0], seed=seed)
     if kind in ("move", "insert"):
         example, _, step = arg.partition("@")
-        (example_id,), (to_step,) = _ints(example, edit), _ints(step, edit)
+        (example_id,) = _examples(curriculum, _ints(example, edit, 1), edit, n_train, present=kind == "move")
+        (to_step,) = _ints(step, edit, 1)
         return (curricula.move if kind == "move" else curricula.insert)(curriculum, example_id, to_step)
     if kind == "swap":
-        a, b = _ints(arg, edit)
+        a, b = _ints(arg, edit, 2)
         return curricula.swap(curriculum, a, b)
     if kind == "reorder":
         return curricula.reorder(curriculum, _ints(arg, edit))
     step, _, ids = arg.partition("=")
-    return curricula.replace_batch(curriculum, _ints(step, edit)[0], _ints(ids, edit))
+    return curricula.replace_batch(curriculum, _ints(step, edit, 1)[0],
+                                   _examples(curriculum, _ints(ids, edit), edit, n_train, present=False))
 
 
-def apply_edits(curriculum: np.ndarray, edits: list[str], seed: int = 0) -> np.ndarray:
-    """Apply edits in order."""
+def apply_edits(curriculum: np.ndarray, edits: list[str], seed: int = 0, n_train: int | None = None) -> np.ndarray:
+    """Apply edits in order (at least one; see :func:`apply_edit`)."""
+    if not edits:
+        raise CurriculumError(f"give at least one edit ({EDIT_HELP})")
     for edit in edits:
-        curriculum = apply_edit(curriculum, edit, seed)
+        curriculum = apply_edit(curriculum, edit, seed, n_train)
     return curriculum
 
 
@@ -78,18 +101,24 @@ def stack(many: list[np.ndarray]) -> np.ndarray:
 
 
 def test_positions(simulator: Simulator, initial_loss: np.ndarray, tests: list[int] | None) -> np.ndarray:
-    """``int64[k]`` positions of ``tests`` (default all) after checking them and the initial
-    losses against the simulator; raises :class:`SimulatorError` naming what is wrong."""
+    """``int64[k]`` positions in ``simulator.test_ids`` of the test example ids ``tests``
+    (default all), after checking them and the initial losses against the simulator; raises
+    :class:`SimulatorError` naming what is wrong."""
     if simulator.test_ids is None:
         raise SimulatorError("the simulator is not fitted")
-    m = len(simulator.test_ids)
+    ids = np.asarray(simulator.test_ids, dtype=np.int64)
+    m = len(ids)
     if np.shape(initial_loss) != (m,):
         raise SimulatorError(f"initial_loss must hold the {m} test examples' losses, got shape {np.shape(initial_loss)}")
-    positions = np.arange(m) if tests is None else np.asarray(tests, dtype=np.int64)
-    if positions.size == 0 or positions.min() < 0 or positions.max() >= m:
-        bad = [t for t in (tests or []) if not 0 <= t < m]
-        raise SimulatorError(f"test ids {bad} are out of range: this simulator has test ids 0..{m - 1}")
-    return positions
+    if tests is None:
+        return np.arange(m)
+    position = {int(test_id): k for k, test_id in enumerate(ids)}
+    bad = [t for t in tests if int(t) not in position]
+    if bad or not len(tests):
+        known = f"{ids.min()}..{ids.max()}" if np.array_equal(ids, np.arange(ids.min(), ids.max() + 1)) else \
+            ", ".join(map(str, ids[:10])) + (", ..." if m > 10 else "")
+        raise SimulatorError(f"test ids {bad} are out of range: this simulator has test ids {known}")
+    return np.array([position[int(t)] for t in tests], dtype=np.int64)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal
+from typing import NoReturn
 
 import numpy as np
 import polars as pl
@@ -38,6 +39,33 @@ from simfluence_platform.tasks.steps import FIT, EVALUATE
 
 # Bad input: the science's own errors and the platform's UserError (one line, exit status 2).
 USER_ERRORS = (RunSetError, SimulatorError, SolverError, CurriculumError, GradientError, FileNotFoundError, UserError)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    return _bounded_int(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    return _bounded_int(text, 0)
+
+
+def _bounded_int(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with bad arguments reported in one line (exit status 2), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog.split()[0]} --help)\n")
 
 
 def default_simulators(seed: int = 0) -> dict[str, Simulator]:
@@ -104,18 +132,18 @@ def cmd_demo(args: argparse.Namespace) -> dict:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the embedded default (collect, fit, evaluate)")
-    p.add_argument("--runs", type=int, default=48)
+    p.add_argument("--runs", type=positive_int, default=48)
     p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
     p.set_defaults(handler=cmd_demo)
     p = sub.add_parser("synthetic", help="fit and score every simulator on synthetic runs with known ground truth")
-    p.add_argument("--n-train", type=int, default=200)
-    p.add_argument("--n-tests", type=int, default=100)
-    p.add_argument("--runs", type=int, default=80)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--heldout", type=int, default=16)
-    p.add_argument("--bootstrap", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=positive_int, default=200)
+    p.add_argument("--n-tests", type=positive_int, default=100)
+    p.add_argument("--runs", type=positive_int, default=80)
+    p.add_argument("--steps", type=positive_int, default=60)
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--heldout", type=positive_int, default=16)
+    p.add_argument("--bootstrap", type=positive_int, default=500)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.set_defaults(handler=cmd_synthetic)
 
 
@@ -174,7 +202,7 @@ def _add_storage(sub: argparse._SubParsersAction) -> None:
     p.add_argument("query")
     p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    p.add_argument("--max-rows", type=int, default=50, help="rows shown in table format")
+    p.add_argument("--max-rows", type=positive_int, default=50, help="rows shown in table format")
     p.set_defaults(handler=cmd_sql)
 
 
@@ -186,8 +214,11 @@ def cmd_collect(args: argparse.Namespace) -> dict:
     """Fine-tune runs on sampled curricula and stream their losses: the collect-runs flow."""
     from simfluence_platform.flows.collect import collect_runs
 
+    from simfluence_platform.flows.common import experiment_config
+
     if (args.preset is None) == (args.config is None):
         raise ConfigChoiceError("give exactly one of --preset and --config")
+    experiment_config(args.preset, args.config)  # a bad config fails before any flow starts
     result = collect_runs(preset=args.preset, config_path=args.config, runs=args.runs, warehouse=args.warehouse,
                           gradients=not args.no_gradients, on_workers=args.on_workers)
     if not args.json:
@@ -201,8 +232,11 @@ def cmd_collect(args: argparse.Namespace) -> dict:
 def cmd_fit(args: argparse.Namespace) -> list:
     """Fit and publish simulators: the fit-simulators flow."""
     from simfluence_platform.flows.fit import fit_simulators
+    from simfluence_platform.tasks.fit import check_fit_request
 
-    rows = fit_simulators(experiment=args.experiment, methods=args.methods.split(",") if args.methods else None,
+    methods = args.methods.split(",") if args.methods else None
+    check_fit_request(_warehouse(args), args.experiment, methods, args.heldout_every)  # before any flow starts
+    rows = fit_simulators(experiment=args.experiment, methods=methods,
                           heldout_every=args.heldout_every, dask_address=args.dask_address, n_workers=args.n_workers,
                           shard_size=args.shard_size, warehouse=args.warehouse)
     if not args.json:
@@ -214,8 +248,11 @@ def cmd_fit(args: argparse.Namespace) -> list:
 def cmd_evaluate(args: argparse.Namespace) -> dict:
     """Score simulators on held-out runs: the evaluate-simulators flow."""
     from simfluence_platform.flows.evaluate import evaluate_simulators
+    from simfluence_platform.storage import registry
 
     refs = args.versions.split(",") if args.versions else ([args.alias] if args.alias else None)
+    for ref in refs or []:
+        registry.resolve(_warehouse(args), args.experiment, ref)  # unknown refs fail before any flow starts
     result = evaluate_simulators(experiment=args.experiment, refs=refs, n_boot=args.bootstrap, warehouse=args.warehouse)
     if not args.json:
         print(format_leaderboard(pl.DataFrame(result["scores"]).drop("version")))
@@ -226,7 +263,9 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
 def cmd_refit(args: argparse.Namespace) -> dict:
     """Refit and evaluate when new complete runs exist: the refit flow."""
     from simfluence_platform.flows.refit import refit
+    from simfluence_platform.storage.experiments import experiment_info
 
+    experiment_info(_warehouse(args), args.experiment)  # an unknown experiment fails before any flow starts
     result = refit(experiment=args.experiment, heldout_every=args.heldout_every, dask_address=args.dask_address,
                    warehouse=args.warehouse)
     if not args.json:
@@ -244,31 +283,41 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
         p.set_defaults(handler=handler)
         if name in ("fit", "refit"):
-            p.add_argument("--heldout-every", type=int, default=FIT.heldout_every, help="hold out run ids k-1, 2k-1, ...")
+            p.add_argument("--heldout-every", type=positive_int, default=FIT.heldout_every, help="hold out run ids k-1, 2k-1, ...")
             p.add_argument("--dask-address", default=None, help="tcp://host:8786 (default: a LocalCluster)")
         if name == "fit":
             p.add_argument("--methods", default=None, help="comma-separated (default: all)")
-            p.add_argument("--n-workers", type=int, default=FIT.n_workers, help="LocalCluster workers")
-            p.add_argument("--shard-size", type=int, default=FIT.shard_size, help="test examples per Dask task")
+            p.add_argument("--n-workers", type=positive_int, default=FIT.n_workers, help="LocalCluster workers")
+            p.add_argument("--shard-size", type=positive_int, default=FIT.shard_size, help="test examples per Dask task")
         if name == "evaluate":
             p.add_argument("--versions", default=None, help="comma-separated versions")
             p.add_argument("--alias", default=None, help="an alias such as latest or best")
-            p.add_argument("--bootstrap", type=int, default=EVALUATE.n_boot)
+            p.add_argument("--bootstrap", type=positive_int, default=EVALUATE.n_boot)
 
 
 def _add_collect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("collect", help="fine-tune runs on sampled curricula and stream their losses")
     p.add_argument("--preset", choices=("tiny", "demo", "paper"), default=None)
     p.add_argument("--config", default=None, help="an experiment YAML file")
-    p.add_argument("--runs", type=int, required=True, help="make runs 0..RUNS-1 complete (resumable)")
+    p.add_argument("--runs", type=positive_int, required=True, help="make runs 0..RUNS-1 complete (resumable)")
     p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
     p.add_argument("--no-gradients", action="store_true", help="skip the gradient checkpoints of the baselines")
     p.add_argument("--on-workers", action="store_true", help="one train-run deployment run per run (work pool)")
     p.set_defaults(handler=cmd_collect)
 
 
+class TestIdsError(UserError, ValueError):
+    """--tests that are not a comma-separated list of integers."""
+
+
 def _tests(args: argparse.Namespace) -> list[int] | None:
-    return [int(t) for t in args.tests.split(",")] if args.tests else None
+    """The test example ids of ``--tests`` (default all)."""
+    if not args.tests:
+        return None
+    try:
+        return [int(t) for t in args.tests.split(",") if t.strip()]
+    except ValueError:
+        raise TestIdsError(f"--tests takes comma-separated test example ids, got {args.tests!r}") from None
 
 
 def cmd_whatif(args: argparse.Namespace) -> dict:
@@ -277,7 +326,8 @@ def cmd_whatif(args: argparse.Namespace) -> dict:
     from simfluence_platform.tasks.whatif import ask, trajectory_table, write_table
 
     question = ask(_warehouse(args), args.experiment, args.ref, args.run, getattr(args, "curriculum", None))
-    edited = whatif.apply_edits(question.curriculum, args.edit or [])
+    edited = (whatif.apply_edits(question.curriculum, args.edit or [], n_train=question.simulator.n_train)
+              if args.command == "whatif" else question.curriculum)
     result = whatif.counterfactual(question.simulator, question.curriculum, edited, question.initial_loss)
     tests = whatif.test_positions(question.simulator, question.initial_loss, _tests(args))
     columns = {"simulated_base": result.base, "simulated_whatif": result.edited}
@@ -296,10 +346,19 @@ def cmd_whatif(args: argparse.Namespace) -> dict:
                                            true=None if question.observed is None else question.observed[:, t],
                                            mark_example=args.mark, title=f"test {question.simulator.test_ids[t]}"))
     if not args.json:
-        print(f"{question.name} {question.version}, run {question.run_id}, edits: {', '.join(args.edit or []) or 'none'}")
-        print(f"mean change of the final loss: {np.mean(list(effect.values())):+.4f} nats over {len(effect)} test examples")
-        for test_id, change in sorted(effect.items(), key=lambda kv: kv[1])[:10]:
-            print(f"  test {test_id}: {change:+.4f}")
+        if args.command == "simulate":
+            final = result.base[-1, tests]
+            print(f"{question.name} {question.version}: curriculum {args.curriculum} ({question.curriculum.shape[0]} "
+                  f"steps) from run {question.run_id}'s initial losses")
+            print(f"simulated final loss: mean {final.mean():.4f} nats over {len(tests)} test examples "
+                  f"(min {final.min():.4f}, max {final.max():.4f}); the trajectories: --out FILE")
+        else:
+            print(f"{question.name} {question.version}, run {question.run_id}, edits: {', '.join(args.edit)}")
+            print(f"mean change of the final loss: {np.mean(list(effect.values())):+.4f} nats over {len(effect)} "
+                  f"test examples (negative: the edit lowers the loss)")
+            ranked = sorted(effect.items(), key=lambda kv: kv[1])
+            for label, part in (("largest decreases", ranked[:5]), ("largest increases", ranked[::-1][:5])):
+                print(f"  {label}: " + ", ".join(f"test {test_id} {change:+.4f}" for test_id, change in part))
         for key in ("table", "plot"):
             if key in out:
                 print(f"{key}: {out[key]}")
@@ -375,7 +434,7 @@ def _add_whatif(sub: argparse._SubParsersAction) -> None:
         if name == "report":
             p.add_argument("--out", default=None, help="HTML file (default <home>/reports/<experiment>/report.html)")
             continue
-        p.add_argument("--run", type=int, default=None, help="observed run (default: the first held-out run)")
+        p.add_argument("--run", type=nonnegative_int, default=None, help="observed run (default: the first held-out run)")
         p.add_argument("--tests", default=None, help="comma-separated test ids (default: all)")
         p.add_argument("--out", default=None, help="write the table as .csv or .parquet")
         p.add_argument("--plot", default=None, help="write a PNG")
@@ -384,11 +443,11 @@ def _add_whatif(sub: argparse._SubParsersAction) -> None:
             p.set_defaults(edit=None, mark=None)
         if name == "whatif":
             p.add_argument("--edit", action="append", help=EDIT_HELP)
-            p.add_argument("--mark", type=int, default=None, help="shade the steps that contain this training example")
+            p.add_argument("--mark", type=nonnegative_int, default=None, help="shade the steps that contain this training example")
         if name == "influence":
             p.add_argument("--curriculum", default=None, help="a curriculum file instead of the observed run")
-            p.add_argument("--top", type=int, default=15)
-            p.add_argument("--pairs", type=int, default=6, help="strongest examples to test for interactions")
+            p.add_argument("--top", type=positive_int, default=15)
+            p.add_argument("--pairs", type=positive_int, default=6, help="strongest examples to test for interactions")
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_storage, _add_collect, _add_pipeline,
@@ -396,7 +455,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="simfluence", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="simfluence", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:

@@ -109,7 +109,8 @@ def publish(
         check_name(alias, "alias")
     root = warehouse.registry_root / experiment
     root.mkdir(parents=True, exist_ok=True)
-    staging = root / f".staging-{uuid.uuid4().hex}"
+    _remove_abandoned_staging(root)
+    staging = root / f".staging-{os.getpid()}-{uuid.uuid4().hex}"
     try:
         simulator.save(staging)
         files = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
@@ -150,6 +151,23 @@ def publish(
             _set_alias(con, experiment, alias, version)
         con.execute("COMMIT")
     return BundleInfo(experiment, version, final, manifest)
+
+
+def _remove_abandoned_staging(root: Path) -> None:
+    """Delete the staging folders of publishes whose process is gone (killed mid-publish)."""
+    for folder in root.glob(".staging-*"):
+        pid = folder.name.split("-")[1]
+        if pid.isdigit():
+            if int(pid) == os.getpid():
+                continue  # another publish of this process, under way
+            try:
+                os.kill(int(pid), 0)
+                continue  # that publish is still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # a live process of another user
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _set_alias(con, experiment: str, alias: str, version: str) -> None:

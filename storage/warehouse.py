@@ -450,7 +450,7 @@ def migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
             raise
 
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: no trailing newline
 
 
 def check_name(name: str, what: str) -> str:

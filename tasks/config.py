@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -156,7 +157,9 @@ class ExperimentConfig:
         need(t.eps > 0, "training.eps", "must be positive")
         need(0 <= t.momentum < 1, "training.momentum", f"must lie in [0, 1), got {t.momentum}")
         need(t.batch_size >= 1, "training.batch_size", "must be at least 1")
-        need(t.steps >= 1, "training.steps", "must be at least 1")
+        need(1 <= t.steps <= MAX_STEPS, "training.steps", f"must lie in 1..{MAX_STEPS}, got {t.steps}")
+        for name, seed in (("seed", self.seed), ("data.seed", d.seed), ("gradients.seed", self.gradients.seed)):
+            need(seed >= 0, name, f"must be non-negative, got {seed}")
         need(t.frozen_layers >= 0, "training.frozen_layers", "must be non-negative")
         need(t.eval_batch_size >= 1, "training.eval_batch_size", "must be at least 1")
         need(d.n_train >= 1, "data.n_train", "must be at least 1")
@@ -169,6 +172,7 @@ class ExperimentConfig:
             need(c.epochs >= 1, "curriculum.epochs", "must be at least 1")
         if c.kind == "explicit":
             need(bool(c.path), "curriculum.path", "is required for explicit curricula")
+        need(self.steps <= MAX_STEPS, "curriculum", f"gives {self.steps} steps, more than {MAX_STEPS}")
         need(self.flush_every >= 1, "flush_every", "must be at least 1")
         g = self.gradients
         need(g.projection_dim >= 0, "gradients.projection_dim", "must be non-negative")
@@ -243,6 +247,12 @@ def preset(name: str) -> ExperimentConfig:
     return from_dict(PRESETS[name], f"preset {name}")
 
 
+# A number written without a dot before its exponent (1e-3), which YAML 1.1 leaves a string.
+FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\Z")
+# Steps of one run: a curriculum is held in memory as int[steps, batch_size] per run.
+MAX_STEPS = 100_000
+
+
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read and validate a YAML config; a ``preset:`` key starts from that preset."""
     path = Path(path)
@@ -311,6 +321,8 @@ def _check_type(value: Any, hint: Any, where: str, name: str) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and FLOAT_TEXT.match(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if hint in (int, float, str, bool) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: {name} must be {hint.__name__}, got {value!r}")
     return value

@@ -8,6 +8,8 @@ to the ``evaluations`` table. Plots (PNG) and ``leaderboard.md`` are written to
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +58,15 @@ def evaluate(warehouse: Warehouse, experiment: str, refs: list[str], n_boot: int
     must not overlap its fitting runs) and record the scores."""
     frames = []
     loaded: dict[tuple, object] = {}  # the held-out runs, read once per (runs, tests)
+    names: dict[str, str] = {}  # version -> leaderboard name
     for ref in refs:
         simulator, info = registry.load(warehouse, experiment, ref)
+        if info.version in names:
+            continue  # two refs of one version (e.g. best and latest): scored once
+        name = info.manifest["name"]
+        if name in names.values():  # two versions of one method: told apart by version
+            name = f"{name}@{info.version[:8]}"
+        names[info.version] = name
         held = heldout_run_ids if heldout_run_ids is not None else info.manifest["heldout_run_ids"]
         overlap = set(held) & set(info.manifest["fit_run_ids"])
         if overlap:
@@ -67,7 +76,7 @@ def evaluate(warehouse: Warehouse, experiment: str, refs: list[str], n_boot: int
         if key not in loaded:
             loaded[key] = load_runset(warehouse, experiment, run_ids=held, test_ids=simulator.test_ids)
         heldout = loaded[key]
-        scores = sf.metrics.score({info.manifest["name"]: simulator}, heldout, n_boot=n_boot)
+        scores = sf.metrics.score({name: simulator}, heldout, n_boot=n_boot)
         registry.record_evaluation(warehouse, experiment, info.version, scores.to_dicts(), held)
         frames.append(scores.with_columns(pl.lit(info.version).alias("version")))
     return pl.concat(frames).select("method", "version", "metric", "value", "ci_low", "ci_high")
@@ -141,7 +150,8 @@ def best_version(scores: pl.DataFrame) -> str | None:
     """The version with the lowest held-out all-steps MSE among the methods that depend on the
     curriculum (the curriculum-blind baselines answer every what-if with zero); None if none."""
     blind = {"mean_trajectory", "constant"}
-    rows = scores.filter((pl.col("metric") == "all_steps_mse") & ~pl.col("method").is_in(list(blind)))
+    method = pl.col("method").str.split("@").list.first()  # "name@version" when one method has two versions
+    rows = scores.filter((pl.col("metric") == "all_steps_mse") & ~method.is_in(list(blind)))
     return None if rows.is_empty() else rows.sort("value")["version"][0]
 
 
@@ -172,13 +182,19 @@ def evaluate_and_report(warehouse: Warehouse, experiment: str, refs: list[str] |
                         n_boot: int = EVALUATE.n_boot, log: Callable[[str], None] = lambda message: None
                         ) -> Evaluation:
     """Evaluate the versions (default: the newest of every method), move ``best`` by
-    :func:`promote_best`, plot, and write the report."""
+    :func:`promote_best`, plot, and write the report: the experiment's standing report in
+    ``reports/<experiment>/`` for the default, or ``reports/<experiment>/versions-<hash>/`` for
+    chosen versions (so that comparing a few never overwrites the standing report)."""
+    chosen = refs is not None
     refs = refs or method_aliases(warehouse, experiment)
     if not refs:
         raise registry.RegistryError(f"experiment {experiment!r} has no published simulators; run the fit first")
     scores = evaluate(warehouse, experiment, refs, n_boot=n_boot)
     best, moved = promote_best(warehouse, experiment, scores, n_boot, log)
     report_dir = warehouse.home / "reports" / experiment
+    if chosen:
+        versions = json.dumps(sorted(set(scores["version"].to_list())))
+        report_dir = report_dir / f"versions-{hashlib.sha256(versions.encode()).hexdigest()[:12]}"
     report_dir.mkdir(parents=True, exist_ok=True)
     shown = [ref for ref in refs if ref in TRAJECTORY_ALIASES]
     files = [plot_metrics(scores, report_dir / "metrics.png"),

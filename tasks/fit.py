@@ -24,7 +24,13 @@ import numpy as np
 import simfluence as sf
 from simfluence.runset import RunSet
 from simfluence_platform.storage import registry
-from simfluence_platform.storage.experiments import complete_run_ids, experiment_info, load_gradients, load_runset
+from simfluence_platform.storage.experiments import (
+    ExperimentInfo,
+    complete_run_ids,
+    experiment_info,
+    load_gradients,
+    load_runset,
+)
 from simfluence_platform.storage.warehouse import Warehouse, WarehouseError
 from simfluence_platform.tasks.config import optimizer_spec
 from simfluence_platform.errors import UserError
@@ -188,6 +194,19 @@ class FitJob:
     shard_size: int
 
 
+def check_fit_request(warehouse: Warehouse, experiment: str, methods: list[str] | None,
+                      heldout_every: int) -> tuple[list[str], ExperimentInfo, tuple[np.ndarray, np.ndarray]]:
+    """What can fail on bad input, checked before any work: the method names, the experiment,
+    and enough complete runs for the split. Returns (methods, experiment info, (fit ids, held-out ids))."""
+    methods = list(methods or ALL_METHODS)
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise FitError(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
+    info = experiment_info(warehouse, experiment)
+    split = split_runs(np.array(sorted(complete_run_ids(warehouse, experiment)), dtype=np.int64), heldout_every)
+    return methods, info, split
+
+
 def plan_fit(
     warehouse: Warehouse,
     experiment: str,
@@ -202,13 +221,7 @@ def plan_fit(
     and read what the methods need. Methods whose gradients the experiment lacks are skipped
     with a message. ``latest`` goes to the primary method (Simfluence-Momentum) when it is
     fitted, else to the first Simfluence method, else to the first method."""
-    methods = list(methods or ALL_METHODS)
-    unknown = [m for m in methods if m not in ALL_METHODS]
-    if unknown:
-        raise FitError(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
-    info = experiment_info(warehouse, experiment)
-    fit_ids, held_ids = split_runs(np.array(sorted(complete_run_ids(warehouse, experiment)), dtype=np.int64),
-                                   heldout_every)
+    methods, info, (fit_ids, held_ids) = check_fit_request(warehouse, experiment, methods, heldout_every)
     fitting = load_runset(warehouse, experiment, run_ids=fit_ids)
     gradients = None
     if any(METHODS[m].needs or m.startswith("simfluence_momentum") for m in methods):

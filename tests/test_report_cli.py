@@ -9,7 +9,10 @@ from html.parser import HTMLParser
 import polars as pl
 import pytest
 
+import simfluence as sf
 from simfluence_platform.cli import main
+from simfluence_platform.storage import registry
+from simfluence_platform.storage.experiments import load_runset
 from simfluence_platform.storage.warehouse import Warehouse
 from simfluence_platform.tasks.collect import collect
 from simfluence_platform.tasks.config import preset
@@ -41,8 +44,6 @@ def test_whatif_and_simulate_write_their_files(experiment, tmp_path, capsys):
     table = pl.read_parquet(tmp_path / "w.parquet")
     assert table.columns == ["step", "test_id", "observed", "simulated_base", "simulated_whatif"]
     assert table.height == 7 * 2 and (tmp_path / "w.png").stat().st_size > 1000
-    code, out = run(capsys, "whatif", "--experiment", "tiny", "--warehouse", wh, "--out", str(tmp_path / "same.csv"))
-    assert code == 0 and all(v == 0 for v in out["final_loss_change"].values())  # no edits: no change
     (tmp_path / "c.json").write_text(json.dumps([[[0, 1, 2, 3]] * 6]))
     code, out = run(capsys, "simulate", "--experiment", "tiny", "--warehouse", wh, "--curriculum",
                     str(tmp_path / "c.json"), "--out", str(tmp_path / "s.csv"))
@@ -63,13 +64,68 @@ def test_influence_ranks_every_example_in_the_run(experiment, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--ref", "nope"], "no simulator version or alias 'nope'"),
     (["--tests", "99"], r"test ids \[99\] are out of range"),
-    (["--edit", "insert:999@1"], "unknown training id 999"),
+    (["--edit", "insert:999@1"], "training example id 999 is outside 0..15"),
     (["--edit", "explode:1"], "unknown edit"),
     (["--run", "77"], "run 77"),
 ])
 def test_bad_whatif_input_is_explained(experiment, capsys, args, message):
-    code, err = run(capsys, "whatif", "--experiment", "tiny", "--warehouse", str(experiment.path), *args)
+    edit = [] if any(a == "--edit" for a in args) else ["--edit", "swap:1,2"]
+    code, err = run(capsys, "whatif", "--experiment", "tiny", "--warehouse", str(experiment.path), *edit, *args)
     assert code == 2 and re.search(message, err), err
+
+
+def snapshot(folder) -> dict:
+    """Every file under ``folder`` with its size and modification time."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+BAD_INPUT = [  # (command line after the warehouse option, what the one-line message must say)
+    (["whatif", "--experiment", "tiny"], "give at least one edit"),
+    (["whatif", "--experiment", "tiny", "--edit", "remove:99"], "training example id 99 is outside 0..15"),
+    (["whatif", "--experiment", "tiny", "--edit", "remove:-1"], "training example id -1 is outside"),
+    (["whatif", "--experiment", "tiny", "--edit", "swap:1"], "expected 2 integers, got '1'"),
+    (["whatif", "--experiment", "tiny", "--edit", "move:5"], "expected 1 integer"),
+    (["whatif", "--experiment", "tiny", "--edit", "swap:1,2", "--tests", "a,b"], "--tests takes comma-separated"),
+    (["influence", "--experiment", "tiny", "--pairs", "0"], "argument --pairs: must be at least 1, got 0"),
+    (["influence", "--experiment", "tiny", "--top", "x"], "argument --top: expected an integer, got 'x'"),
+    (["simulate", "--experiment", "tiny", "--curriculum", "{curriculum_object}"], "expected nested lists"),
+    (["collect", "--preset", "tiny", "--runs", "0"], "argument --runs: must be at least 1, got 0"),
+    (["collect", "--preset", "tiny", "--runs", "-1"], "argument --runs: must be at least 1, got -1"),
+    (["collect", "--config", "{seed_config}", "--runs", "1"], "seed must be non-negative, got -1"),
+    (["collect", "--config", "{newline_name}", "--runs", "1"], r"name 'x\\n' must use letters"),
+    (["collect", "--config", "{huge_steps}", "--runs", "1"], "training.steps must lie in 1..100000"),
+    (["fit", "--experiment", "nope"], "unknown experiment 'nope'"),
+    (["fit", "--experiment", "tiny", "--methods", "magic"], "unknown methods"),
+    (["evaluate", "--experiment", "tiny", "--versions", "0123456789abcdef"], "no simulator version or alias"),
+    (["refit", "--experiment", "nope"], "unknown experiment 'nope'"),
+    (["sql", "SELECT 1; SELECT 2"], "one statement per call"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT, ids=[" ".join(a[:3]) + f" #{i}" for i, (a, _) in
+                                                          enumerate(BAD_INPUT)])
+def test_bad_input_table(experiment, tmp_path, capsys, args, message):
+    """Every documented command with bad input: exit 2, one line naming the value, no
+    traceback, nothing written, and no flow started first."""
+    files = {
+        "curriculum_object": ("c.json", '{"steps": [[1, 2]]}'),
+        "seed_config": ("seed.yaml", "preset: tiny\nseed: -1\n"),
+        "newline_name": ("name.yaml", 'preset: tiny\nname: "x\\n"\n'),
+        "huge_steps": ("steps.yaml", "preset: tiny\ntraining: {steps: 100000000}\n"),
+    }
+    for key, (name, text) in files.items():
+        (tmp_path / name).write_text(text)
+    args = [a.format(**{k: str(tmp_path / n) for k, (n, _) in files.items()}) for a in args]
+    before = snapshot(experiment.home)
+    try:
+        code = main([args[0], "--warehouse", str(experiment.path), *args[1:]])
+    except SystemExit as exit_:  # argparse
+        code = exit_.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and re.search(message, lines[0]) and "Traceback" not in err, err
+    assert snapshot(experiment.home) == before
 
 
 def test_a_bundle_of_another_experiment_is_refused(experiment, capsys):
@@ -127,3 +183,21 @@ def test_report_renders_in_headless_chromium(experiment, tmp_path, capsys):
     shot = subprocess.run(["chromium", *flags, "--window-size=1200,2400", f"--screenshot={tmp_path / 'r.png'}",
                            f"file://{tmp_path / 'r.html'}"], capture_output=True, text=True, timeout=120)
     assert shot.returncode == 0 and (tmp_path / "r.png").stat().st_size > 20_000
+
+
+def test_two_versions_of_one_method_are_told_apart_and_leave_the_standing_report(experiment, tmp_path, capsys):
+    wh = str(experiment.path)
+    standing = experiment.home / "reports" / "tiny" / "leaderboard.md"
+    before = standing.read_text()
+    first = json.loads((experiment.registry_root / "tiny").joinpath(
+        registry.alias_version(experiment, "tiny", "latest-mean-trajectory"), "manifest.json").read_text())
+    runs = first["fit_run_ids"][1:]  # a second mean-trajectory version, fitted on one run fewer
+    second = registry.publish(experiment, "tiny", sf.MeanTrajectory().fit(load_runset(experiment, "tiny", run_ids=runs)),
+                              fit_run_ids=runs, heldout_run_ids=first["heldout_run_ids"], data_hash="x",
+                              config_hash=first["config_hash"], aliases=("second",))
+    code, out = run(capsys, "evaluate", "--experiment", "tiny", "--warehouse", wh, "--versions",
+                    f"{first['version']},{second.version},latest-mean-trajectory")
+    assert code == 0, out
+    methods = {row["method"] for row in out["scores"]}
+    assert methods == {"mean_trajectory", f"mean_trajectory@{second.version[:8]}"}
+    assert standing.read_text() == before and "versions-" in out["files"][0]

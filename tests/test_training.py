@@ -187,6 +187,9 @@ def test_config_files_are_validated(tmp_path):
     assert load_config(path).steps == 4
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("huge")
+    path.write_text("preset: tiny\ntraining:\n  learning_rate: 1e-3\n  weight_decay: 5E-2\n")  # YAML 1.1: strings
+    config = load_config(path)
+    assert config.training.learning_rate == 1e-3 and config.training.weight_decay == 5e-2
 
 
 def test_explicit_curricula_from_a_file(tmp_path):

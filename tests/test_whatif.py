@@ -20,12 +20,33 @@ def world():
     return A, B, curriculum, np.array([2.0, 1.5, 1.0])
 
 
-def test_no_edits_is_the_plain_simulation(world):
+def test_an_unchanged_curriculum_is_the_plain_simulation(world):
     A, B, curriculum, initial = world
     simulator = sf.SimfluenceLinear.from_parameters(A, B)
-    result = whatif.counterfactual(simulator, curriculum, whatif.apply_edits(curriculum, []), initial)
+    result = whatif.counterfactual(simulator, curriculum, curriculum.copy(), initial)
     np.testing.assert_array_equal(result.edited, simulator.simulate(curriculum[None], initial[None])[0])
     np.testing.assert_array_equal(result.effect, 0.0)
+    with pytest.raises(CurriculumError, match="give at least one edit"):
+        whatif.apply_edits(curriculum, [])
+
+
+def test_edits_name_examples_that_exist(world):
+    _, _, curriculum, _ = world
+    absent = next(i for i in range(12) if not (curriculum == i).any())
+    for bad, message in ((f"remove:{absent}", f"example {absent} does not occur"), ("remove:-1", "id -1 is outside"),
+                         ("remove:12", "id 12 is outside 0..11"), ("swap:1", "expected 2 integers"),
+                         ("move:5", "expected 1 integer"), ("repeat:5", "expected 1 integer")):
+        with pytest.raises(CurriculumError, match=message):
+            whatif.apply_edits(curriculum, [bad], n_train=12)
+
+
+def test_tests_are_ids_not_positions(world):
+    A, B, curriculum, initial = world
+    simulator = sf.SimfluenceLinear.from_parameters(A, B)
+    simulator.test_ids = np.array([10, 20, 30])
+    np.testing.assert_array_equal(whatif.test_positions(simulator, initial, [30, 10]), [2, 0])
+    with pytest.raises(sf.SimulatorError, match=r"test ids \[1\] are out of range: this simulator has test ids 10, 20, 30"):
+        whatif.test_positions(simulator, initial, [1])
 
 
 def test_removing_an_example_without_effect_changes_nothing(world):
@@ -72,7 +93,7 @@ def test_edits_are_parsed_and_bad_ones_explained(world):
     np.testing.assert_array_equal(whatif.apply_edit(curriculum, "swap:1,2")[0], curriculum[1])
     assert whatif.apply_edit(curriculum, "replace:4=1,2,3,4").shape[1] == 4
     for bad, message in (("drop:5", "unknown edit"), ("remove:x", "expected integers"),
-                         ("swap:1,99", "outside 1..10"), ("move:99@2", "not in this curriculum")):
+                         ("swap:1,99", "outside 1..10"), ("move:99@2", "does not occur in this curriculum")):
         with pytest.raises(CurriculumError, match=message):
             whatif.apply_edit(curriculum, bad)
 
