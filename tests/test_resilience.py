@@ -211,3 +211,26 @@ def test_chaos_kills_never_lose_or_duplicate_a_row(wh):
         batches, losses = synthetic_run(int(run_id), steps, N_TESTS, N_TRAIN)
         np.testing.assert_array_equal(loaded.losses[k], losses)
         np.testing.assert_array_equal(loaded.batches[k], batches)
+
+
+def test_a_home_folder_with_glob_characters_reads_normally(tmp_path):
+    wh = Warehouse(tmp_path / "runs [2026]" / "warehouse.duckdb")
+    register_experiment(wh, "exp", {"seed": 1}, examples(N_TRAIN), examples(N_TESTS))
+    write_run(wh, 0)
+    assert query(wh, "SELECT count(*) FROM live_losses") == [((STEPS + 1) * N_TESTS,)]
+    ingest(wh)
+    assert load_runset(wh, "exp").n_runs == 1 and wh.query("SELECT count(*) AS n FROM loss_curves")["n"][0] == 35
+
+
+def test_abandoned_staging_folders_are_removed_at_the_next_publish(wh):
+    import simfluence as sf
+    from simfluence_platform.storage import registry
+
+    root = wh.registry_root / "exp"
+    dead, mine = root / ".staging-999999999-feed", root / f".staging-{os.getpid()}-beef"
+    for folder in (dead, mine):
+        folder.mkdir(parents=True)
+    runs, _ = sf.synthetic.linear_runs(N_TRAIN, N_TESTS, 3, STEPS, 2, seed=0)
+    registry.publish(wh, "exp", sf.MeanTrajectory().fit(runs), fit_run_ids=[0, 1, 2], heldout_run_ids=[],
+                     data_hash="d", config_hash="c")
+    assert not dead.exists() and mine.exists()  # a publish under way in this process is left alone
