@@ -129,6 +129,8 @@ def methods(gradients, optimizer) -> dict:
     out = {
         "simfluence_momentum": sf.SimfluenceMomentum(optimizer, gradients),
         "simfluence_momentum_spearman": sf.SimfluenceMomentum(optimizer, gradients, select="spearman"),
+        # the same family with the momentum kernel switched off (the ablation of the optimizer)
+        "simfluence_momentum_no_kernel": sf.SimfluenceMomentum(sf.OptimizerSpec("sgd", 0.0), gradients),
         "simfluence_linear": sf.SimfluenceLinear(intercept="cv"),
         "tracin_cp": sf.TracInCP(gradients),
         "tracin_cp_rescaled": sf.TracInCP(gradients, rescaled=True),
