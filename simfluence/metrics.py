@@ -131,13 +131,22 @@ def score(simulators: Mapping[str, object], heldout: RunSet, n_boot: int = 1000,
     ``value``, ``ci_low``, ``ci_high`` (95% intervals over held-out runs, see
     :func:`confidence_interval`).
     """
-    rows = []
+    frames = []
     for name, simulator in simulators.items():
         pred = simulator.simulate(heldout.batches, heldout.initial_loss)  # type: ignore[attr-defined]
-        for metric_name, metric in METRICS.items():
-            low, high = confidence_interval(metric_name, pred, heldout.losses, n_boot=n_boot, seed=seed)
-            rows.append({"method": name, "metric": metric_name, "value": metric(pred, heldout.losses),
-                         "ci_low": low, "ci_high": high})
+        frames.append(score_predictions(name, pred, heldout.losses, n_boot, seed))
+    return pl.concat(frames)
+
+
+def score_predictions(name: str, pred: np.ndarray, true: np.ndarray, n_boot: int = 1000,
+                      seed: int = 0) -> pl.DataFrame:
+    """:func:`score` of one method from its predictions ``float[R, T+1, m]`` of the held-out
+    runs' true losses ``true`` (same shape)."""
+    rows = []
+    for metric_name, metric in METRICS.items():
+        low, high = confidence_interval(metric_name, pred, true, n_boot=n_boot, seed=seed)
+        rows.append({"method": name, "metric": metric_name, "value": metric(pred, true), "ci_low": low,
+                     "ci_high": high})
     return pl.DataFrame(rows)
 
 

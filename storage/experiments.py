@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from simfluence.gradients import GradientCheckpoints
 from simfluence.runset import PAD, RunSet
-from simfluence_platform.storage.warehouse import Warehouse, WarehouseError, check_name, fetch_one
+from simfluence_platform.storage.warehouse import Warehouse, WarehouseError, check_name, fetch_one, transaction
 
 EXAMPLE_COLUMNS = ("example_id", "text", "label")
 
@@ -66,15 +66,15 @@ def register_experiment(
             }))
         new_examples = pl.concat(frames).to_arrow()
         con.register("new_examples", new_examples)
-        con.execute("BEGIN TRANSACTION")
-        con.execute(
-            "INSERT INTO experiments (experiment, config_hash, config_json, n_train, n_test, description) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            [name, digest, json.dumps(config, sort_keys=True, default=str), train.height, test.height, description],
-        )
-        con.execute("INSERT INTO examples SELECT experiment, split, example_id, text, label, content_hash "
-                    "FROM new_examples")
-        con.execute("COMMIT")
+        with transaction(con):
+            con.execute(
+                "INSERT INTO experiments (experiment, config_hash, config_json, n_train, n_test, description) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [name, digest, json.dumps(config, sort_keys=True, default=str), train.height, test.height,
+                 description],
+            )
+            con.execute("INSERT INTO examples SELECT experiment, split, example_id, text, label, content_hash "
+                        "FROM new_examples")
         con.unregister("new_examples")
     return True
 
@@ -170,15 +170,15 @@ def store_gradients(warehouse: Warehouse, experiment: str, gradients: GradientCh
         if row != (n, m):
             raise WarehouseError(f"gradients are for n={n}, m={m}; experiment {experiment!r} has n={row[0]}, m={row[1]}")
         con.register("new_gradients", rows)
-        con.execute("BEGIN TRANSACTION")
-        for table in ("checkpoints", "step_learning_rates", "projected_gradients"):
-            con.execute(f"DELETE FROM {table} WHERE experiment = ?", [experiment])
-        for step, curv in zip(gradients.steps.tolist(), curvature):
-            con.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?)", [experiment, step, gradients.batch_size, curv])
-        con.execute("INSERT INTO step_learning_rates SELECT ?, unnest(range(1, ?)), unnest(?::DOUBLE[])",
-                    [experiment, len(gradients.learning_rates) + 1, gradients.learning_rates.tolist()])
-        con.execute("INSERT INTO projected_gradients SELECT * FROM new_gradients")
-        con.execute("COMMIT")
+        with transaction(con):
+            for table in ("checkpoints", "step_learning_rates", "projected_gradients"):
+                con.execute(f"DELETE FROM {table} WHERE experiment = ?", [experiment])
+            for step, curv in zip(gradients.steps.tolist(), curvature):
+                con.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?)",
+                            [experiment, step, gradients.batch_size, curv])
+            con.execute("INSERT INTO step_learning_rates SELECT ?, unnest(range(1, ?)), unnest(?::DOUBLE[])",
+                        [experiment, len(gradients.learning_rates) + 1, gradients.learning_rates.tolist()])
+            con.execute("INSERT INTO projected_gradients SELECT * FROM new_gradients")
         con.unregister("new_gradients")
 
 

@@ -34,7 +34,7 @@ from simfluence_platform.storage.shards import (
     read_marker,
     write_marker,
 )
-from simfluence_platform.storage.warehouse import Warehouse, fetch_one
+from simfluence_platform.storage.warehouse import Warehouse, fetch_one, transaction
 
 
 @dataclass
@@ -140,8 +140,7 @@ def _ingest_run(con: duckdb.DuckDBPyConnection, warehouse: Warehouse, folder: Pa
             report.rejected.append((str(path), f"{problem}; moved to {_quarantine(warehouse, path)}"))
         else:
             report.rejected.append((str(path), problem))
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         if existing is None or existing[0] != header.attempt:
             _reset_run(con, header, replace=existing is not None)
         for kind, schema_cols, table in (("losses", "step, test_id, loss", "losses"),
@@ -158,10 +157,6 @@ def _ingest_run(con: duckdb.DuckDBPyConnection, warehouse: Warehouse, folder: Pa
                         [_relative(root, path), header.experiment, header.run_id, header.attempt, kind, rows])
         if marker is not None and marker.get("attempt") == header.attempt:
             _finish_run(con, folder, header, marker, report)
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
     loaded.update(_relative(root, p) for p, _, _ in good)
     report.loaded_shards += len(good)
     report.loaded_rows += sum(rows for _, _, rows in good)

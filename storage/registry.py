@@ -32,7 +32,7 @@ import numpy as np
 import polars as pl
 
 from simfluence.simulators import Simulator, load_simulator
-from simfluence_platform.storage.warehouse import Warehouse, WarehouseError, check_name, fetch_one
+from simfluence_platform.storage.warehouse import Warehouse, WarehouseError, check_name, fetch_one, transaction
 
 MANIFEST = "manifest.json"
 # The manifest's part that its version is the hash of.
@@ -137,8 +137,7 @@ def publish(
         if staging.exists():
             shutil.rmtree(staging)
     manifest = verify(bundle_folder(warehouse, experiment, version), version)  # ours, or one published before
-    with warehouse.writer() as con:
-        con.execute("BEGIN TRANSACTION")
+    with warehouse.writer() as con, transaction(con):
         con.execute(
             "INSERT INTO simulators (experiment, version, method, path, fit_run_ids, heldout_run_ids, "
             "hyperparameters, data_hash, config_hash, code_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -149,7 +148,6 @@ def publish(
         )
         for alias in aliases:
             _set_alias(con, experiment, alias, version)
-        con.execute("COMMIT")
     return BundleInfo(experiment, version, final, manifest)
 
 
@@ -198,6 +196,14 @@ def set_alias(warehouse: Warehouse, experiment: str, alias: str, version: str) -
 
 def resolve(warehouse: Warehouse, experiment: str, ref: str) -> BundleInfo:
     """A version or alias of an experiment -> its bundle, with the manifest read and checked."""
+    version = resolve_version(warehouse, experiment, ref)
+    path = bundle_folder(warehouse, experiment, version)
+    return BundleInfo(experiment, version, path, verify(path, version))
+
+
+def resolve_version(warehouse: Warehouse, experiment: str, ref: str) -> str:
+    """A version or alias of an experiment -> the version it names (checked to exist; the
+    bundle itself is not read)."""
     check_name(experiment, "experiment name")
     check_name(ref, "version or alias")
     with warehouse.reader() as con:
@@ -212,8 +218,7 @@ def resolve(warehouse: Warehouse, experiment: str, ref: str) -> BundleInfo:
                 "SELECT alias FROM aliases WHERE experiment = ? ORDER BY alias", [experiment]).fetchall()]
             raise RegistryError(f"experiment {experiment!r} has no simulator version or alias {ref!r} "
                                 f"(aliases: {', '.join(known) or 'none'})")
-    path = bundle_folder(warehouse, experiment, version)
-    return BundleInfo(experiment, version, path, verify(path, version))
+    return version
 
 
 def bundle_folder(warehouse: Warehouse, experiment: str, version: str) -> Path:
@@ -298,25 +303,27 @@ def compare(warehouse: Warehouse, experiment: str, refs: list[str]) -> list[dict
     return out
 
 
-def record_evaluation(
-    warehouse: Warehouse, experiment: str, version: str, scores: list[dict[str, Any]], heldout_run_ids: list[int]
-) -> None:
-    """Write a simulator's held-out scores (rows with ``metric``, ``value``, ``ci_low``,
-    ``ci_high``) to ``evaluations``; re-evaluating on the same held-out runs replaces them."""
-    held = sorted(int(r) for r in heldout_run_ids)
-    heldout_hash = hashlib.sha256(json.dumps(held).encode()).hexdigest()[:16]
-    with warehouse.writer() as con:
-        if fetch_one(con, "SELECT 1 FROM simulators WHERE experiment = ? AND version = ?", [experiment, version]) is None:
-            raise RegistryError(f"experiment {experiment!r} has no simulator version {version!r}")
-        con.execute("BEGIN TRANSACTION")
-        for row in scores:
-            con.execute(
-                "INSERT INTO evaluations (experiment, version, metric, value, ci_low, ci_high, heldout_hash, n_heldout) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (experiment, version, metric, heldout_hash) DO UPDATE SET "
-                "value = excluded.value, ci_low = excluded.ci_low, ci_high = excluded.ci_high, evaluated_at = now()",
-                [experiment, version, row["metric"], row["value"], row["ci_low"], row["ci_high"], heldout_hash, len(held)],
-            )
-        con.execute("COMMIT")
+def record_evaluations(warehouse: Warehouse, experiment: str,
+                       evaluations: list[tuple[str, list[dict[str, Any]], list[int]]]) -> None:
+    """Write held-out scores to ``evaluations``, all in one transaction: for each (version,
+    rows with ``metric``, ``value``, ``ci_low``, ``ci_high``, held-out run ids).
+    Re-evaluating a version on the same held-out runs replaces its scores."""
+    with warehouse.writer() as con, transaction(con):
+        for version, scores, heldout_run_ids in evaluations:
+            if fetch_one(con, "SELECT 1 FROM simulators WHERE experiment = ? AND version = ?",
+                         [experiment, version]) is None:
+                raise RegistryError(f"experiment {experiment!r} has no simulator version {version!r}")
+            held = sorted(int(r) for r in heldout_run_ids)
+            heldout_hash = hashlib.sha256(json.dumps(held).encode()).hexdigest()[:16]
+            for row in scores:
+                con.execute(
+                    "INSERT INTO evaluations (experiment, version, metric, value, ci_low, ci_high, heldout_hash, "
+                    "n_heldout) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (experiment, version, metric, heldout_hash) "
+                    "DO UPDATE SET value = excluded.value, ci_low = excluded.ci_low, ci_high = excluded.ci_high, "
+                    "evaluated_at = now()",
+                    [experiment, version, row["metric"], row["value"], row["ci_low"], row["ci_high"], heldout_hash,
+                     len(held)],
+                )
 
 
 def aliases(warehouse: Warehouse, experiment: str) -> dict[str, str]:

@@ -20,9 +20,9 @@ from matplotlib.figure import Figure
 
 import simfluence as sf
 from simfluence_platform.storage import registry
-from simfluence_platform.storage.experiments import load_runset
 from simfluence_platform.storage.warehouse import Warehouse
 from simfluence_platform.tasks.fit import METHODS
+from simfluence_platform.tasks.session import ExperimentSession
 from simfluence_platform.tasks.steps import EVALUATE
 
 METRIC_LABELS = {
@@ -52,19 +52,20 @@ def method_aliases(warehouse: Warehouse, experiment: str) -> list[str]:
     return [m.alias for m in METHODS.values() if m.alias in existing]
 
 
-def evaluate(warehouse: Warehouse, experiment: str, refs: list[str], n_boot: int = EVALUATE.n_boot,
+def evaluate(session: ExperimentSession, refs: list[str], n_boot: int = EVALUATE.n_boot,
              heldout_run_ids: list[int] | None = None) -> pl.DataFrame:
     """Score each version or alias on its own held-out runs (or on ``heldout_run_ids``, which
-    must not overlap its fitting runs) and record the scores."""
+    must not overlap its fitting runs) and record all the scores in one transaction. Refs that
+    name one version are scored once; two versions of one method are named ``method@version``."""
     frames = []
-    loaded: dict[tuple, object] = {}  # the held-out runs, read once per (runs, tests)
     names: dict[str, str] = {}  # version -> leaderboard name
+    recorded: list[tuple[str, list[dict], list[int]]] = []
     for ref in refs:
-        simulator, info = registry.load(warehouse, experiment, ref)
+        _, info = session.load(ref)
         if info.version in names:
-            continue  # two refs of one version (e.g. best and latest): scored once
+            continue
         name = info.manifest["name"]
-        if name in names.values():  # two versions of one method: told apart by version
+        if name in names.values():
             name = f"{name}@{info.version[:8]}"
         names[info.version] = name
         held = heldout_run_ids if heldout_run_ids is not None else info.manifest["heldout_run_ids"]
@@ -72,13 +73,11 @@ def evaluate(warehouse: Warehouse, experiment: str, refs: list[str], n_boot: int
         if overlap:
             raise registry.RegistryError(f"version {info.version} was fitted on runs {sorted(overlap)[:5]}; "
                                          f"it cannot be scored on them")
-        key = (tuple(held), tuple(simulator.test_ids.tolist()))
-        if key not in loaded:
-            loaded[key] = load_runset(warehouse, experiment, run_ids=held, test_ids=simulator.test_ids)
-        heldout = loaded[key]
-        scores = sf.metrics.score({name: simulator}, heldout, n_boot=n_boot)
-        registry.record_evaluation(warehouse, experiment, info.version, scores.to_dicts(), held)
+        heldout, pred = session.predict(ref, held)
+        scores = sf.metrics.score_predictions(name, pred, heldout.losses, n_boot=n_boot)
+        recorded.append((info.version, scores.to_dicts(), held))
         frames.append(scores.with_columns(pl.lit(info.version).alias("version")))
+    registry.record_evaluations(session.warehouse, session.experiment, recorded)
     return pl.concat(frames).select("method", "version", "metric", "value", "ci_low", "ci_high")
 
 
@@ -101,25 +100,31 @@ def plot_metrics(scores: pl.DataFrame, path: Path) -> Path:
     return path
 
 
-def plot_trajectories(warehouse: Warehouse, experiment: str, refs: list[str], path: Path,
-                      n_runs: int = 2, n_tests: int = 3) -> Path:
-    """True vs simulated loss of a few test examples on a few held-out runs, for each version."""
-    simulators = [registry.load(warehouse, experiment, ref) for ref in refs]
-    held = simulators[0][1].manifest["heldout_run_ids"][:n_runs]
-    heldout = load_runset(warehouse, experiment, run_ids=held)
-    change = np.abs(heldout.losses[:, -1] - heldout.losses[:, 0]).mean(axis=0)
-    tests = np.argsort(change)[::-1][:n_tests]  # the test examples whose loss moved most
-    fig = Figure(figsize=(4.2 * n_tests, 3.2 * len(held)))
-    axes = fig.subplots(len(held), n_tests, squeeze=False)
+def plot_trajectories(session: ExperimentSession, refs: list[str], path: Path, n_runs: int = 2,
+                      n_tests: int = 3) -> Path:
+    """True vs simulated loss of a few test examples on a few held-out runs, for each version
+    (the session's predictions of the first version's held-out runs, reused)."""
+    held = session.load(refs[0])[1].manifest["heldout_run_ids"]
+    curves = {}
+    for ref in refs:
+        _, info = session.load(ref)
+        runs, pred = session.predict(ref, held)
+        curves[info.manifest["name"]] = (runs, pred)
+    heldout = next(iter(curves.values()))[0]
+    change = np.abs(heldout.losses[:n_runs, -1] - heldout.losses[:n_runs, 0]).mean(axis=0)
+    tests = heldout.test_ids[np.argsort(change)[::-1][:n_tests]]  # the test examples whose loss moved most
+    shown = min(n_runs, heldout.n_runs)
+    fig = Figure(figsize=(4.2 * len(tests), 3.2 * shown))
+    axes = fig.subplots(shown, len(tests), squeeze=False)
     steps = np.arange(heldout.n_steps + 1)
-    predictions = {info.manifest["name"]: sim.simulate(heldout.batches, heldout.initial_loss) for sim, info in simulators}
-    for r in range(len(held)):
-        for c, j in enumerate(tests):
+    for r in range(shown):
+        for c, test_id in enumerate(tests):
             ax = axes[r][c]
+            j = int(np.flatnonzero(heldout.test_ids == test_id)[0])
             ax.plot(steps, heldout.losses[r, :, j], color="black", lw=2, label="true")
-            for method, pred in predictions.items():
-                ax.plot(steps, pred[r, :, j], lw=1.2, label=method)
-            ax.set_title(f"run {held[r]}, test {heldout.test_ids[j]}", fontsize=9)
+            for method, (runs, pred) in curves.items():
+                ax.plot(steps, pred[r, :, int(np.flatnonzero(runs.test_ids == test_id)[0])], lw=1.2, label=method)
+            ax.set_title(f"run {held[r]}, test {test_id}", fontsize=9)
             ax.set_xlabel("step")
             ax.set_ylabel("loss (nats)")
     axes[0][0].legend(fontsize=7)
@@ -155,11 +160,12 @@ def best_version(scores: pl.DataFrame) -> str | None:
     return None if rows.is_empty() else rows.sort("value")["version"][0]
 
 
-def promote_best(warehouse: Warehouse, experiment: str, scores: pl.DataFrame, n_boot: int = EVALUATE.n_boot,
+def promote_best(session: ExperimentSession, scores: pl.DataFrame, n_boot: int = EVALUATE.n_boot,
                  log: Callable[[str], None] = lambda message: None) -> tuple[str | None, bool]:
     """The refit rule: the best curriculum-aware version of ``scores`` becomes ``best`` when
     there is none yet, or when it beats the current ``best`` on its own held-out runs (the
     current one is scored on the same runs). Returns (``best`` afterwards, whether it moved)."""
+    warehouse, experiment = session.warehouse, session.experiment
     new = best_version(scores)
     current = registry.alias_version(warehouse, experiment, "best")
     if new is None or new == current:
@@ -167,8 +173,8 @@ def promote_best(warehouse: Warehouse, experiment: str, scores: pl.DataFrame, n_
     moved = current is None
     if current is not None:
         new_mse = scores.filter((pl.col("version") == new) & (pl.col("metric") == "all_steps_mse"))["value"][0]
-        held = registry.resolve(warehouse, experiment, new).manifest["heldout_run_ids"]
-        old = evaluate(warehouse, experiment, [current], n_boot=n_boot, heldout_run_ids=held)
+        held = session.load(new)[1].manifest["heldout_run_ids"]
+        old = evaluate(session, [current], n_boot=n_boot, heldout_run_ids=held)
         old_mse = old.filter(pl.col("metric") == "all_steps_mse")["value"][0]
         log(f"held-out MSE on the same runs: new {new_mse:.4g}, best {old_mse:.4g}")
         moved = new_mse < old_mse
@@ -189,8 +195,9 @@ def evaluate_and_report(warehouse: Warehouse, experiment: str, refs: list[str] |
     refs = refs or method_aliases(warehouse, experiment)
     if not refs:
         raise registry.RegistryError(f"experiment {experiment!r} has no published simulators; run the fit first")
-    scores = evaluate(warehouse, experiment, refs, n_boot=n_boot)
-    best, moved = promote_best(warehouse, experiment, scores, n_boot, log)
+    session = ExperimentSession(warehouse, experiment)
+    scores = evaluate(session, refs, n_boot=n_boot)
+    best, moved = promote_best(session, scores, n_boot, log)
     report_dir = warehouse.home / "reports" / experiment
     if chosen:
         versions = json.dumps(sorted(set(scores["version"].to_list())))
@@ -198,6 +205,6 @@ def evaluate_and_report(warehouse: Warehouse, experiment: str, refs: list[str] |
     report_dir.mkdir(parents=True, exist_ok=True)
     shown = [ref for ref in refs if ref in TRAJECTORY_ALIASES]
     files = [plot_metrics(scores, report_dir / "metrics.png"),
-             plot_trajectories(warehouse, experiment, shown or refs[:3], report_dir / "trajectories.png")]
+             plot_trajectories(session, shown or refs[:3], report_dir / "trajectories.png")]
     (report_dir / "leaderboard.md").write_text(markdown_report(experiment, scores, files))
     return Evaluation(scores, report_dir, [report_dir / "leaderboard.md", *files], best, moved)

@@ -23,6 +23,7 @@ from simfluence_platform.storage import registry
 from simfluence_platform.storage.experiments import experiment_info, run_summary
 from simfluence_platform.storage.warehouse import Warehouse
 from simfluence_platform.tasks.evaluate import TRAJECTORY_ALIASES, method_aliases, plot_trajectories
+from simfluence_platform.tasks.session import ExperimentSession
 from simfluence_platform.tasks.whatif import ask
 
 STYLE = """
@@ -87,7 +88,8 @@ def build_report(warehouse: Warehouse, experiment: str, ref: str = "best", out: 
             step("trajectories")
             refs = [a for a in method_aliases(warehouse, experiment) if a in TRAJECTORY_ALIASES]
             if refs:
-                picture = plot_trajectories(warehouse, experiment, refs[:3], scratch / "trajectories.png")
+                picture = plot_trajectories(ExperimentSession(warehouse, experiment), refs[:3],
+                                            scratch / "trajectories.png")
                 sections += ["<h2>Trajectories: true vs simulated</h2>", _image(picture, "true vs simulated")]
         else:
             sections.append("<p class='note'>No evaluations yet: run evaluate-simulators.</p>")

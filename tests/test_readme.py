@@ -39,7 +39,7 @@ def demo_warehouse(tmp_path_factory) -> Warehouse:
     simulator = sf.MeanTrajectory().fit(runs)
     info = registry.publish(wh, "demo", simulator, fit_run_ids=[0], heldout_run_ids=[1], data_hash="d", config_hash="c")
     scores = sf.metrics.score({"mean": simulator}, runs.select_runs([1]), n_boot=10).to_dicts()
-    registry.record_evaluation(wh, "demo", info.version, scores, [1])
+    registry.record_evaluations(wh, "demo", [(info.version, scores, [1])])
     return wh
 
 

@@ -185,8 +185,7 @@ def test_report_renders_in_headless_chromium(experiment, tmp_path, capsys):
     assert shot.returncode == 0 and (tmp_path / "r.png").stat().st_size > 20_000
 
 
-def test_two_versions_of_one_method_are_told_apart_and_leave_the_standing_report(experiment, tmp_path, capsys):
-    wh = str(experiment.path)
+def test_two_versions_of_one_method_are_told_apart_and_leave_the_standing_report(experiment):
     standing = experiment.home / "reports" / "tiny" / "leaderboard.md"
     before = standing.read_text()
     first = json.loads((experiment.registry_root / "tiny").joinpath(
@@ -195,9 +194,31 @@ def test_two_versions_of_one_method_are_told_apart_and_leave_the_standing_report
     second = registry.publish(experiment, "tiny", sf.MeanTrajectory().fit(load_runset(experiment, "tiny", run_ids=runs)),
                               fit_run_ids=runs, heldout_run_ids=first["heldout_run_ids"], data_hash="x",
                               config_hash=first["config_hash"], aliases=("second",))
-    code, out = run(capsys, "evaluate", "--experiment", "tiny", "--warehouse", wh, "--versions",
-                    f"{first['version']},{second.version},latest-mean-trajectory")
-    assert code == 0, out
-    methods = {row["method"] for row in out["scores"]}
-    assert methods == {"mean_trajectory", f"mean_trajectory@{second.version[:8]}"}
-    assert standing.read_text() == before and "versions-" in out["files"][0]
+    evaluation = evaluate_and_report(experiment, "tiny", refs=[first["version"], second.version,
+                                                                 "latest-mean-trajectory"], n_boot=10)
+    assert set(evaluation.scores["method"]) == {"mean_trajectory", f"mean_trajectory@{second.version[:8]}"}
+    assert standing.read_text() == before and evaluation.report_dir.name.startswith("versions-")
+    assert f"mean_trajectory@{second.version[:8]}" in evaluation.files[0].read_text()
+
+
+def test_an_evaluation_reads_each_bundle_and_run_set_once_and_writes_once(experiment, monkeypatch):
+    """The read-session: aliases that name one version are verified once, the held-out runs are
+    loaded once, and every score is recorded in one writer transaction."""
+    from simfluence_platform.tasks import session as session_module
+
+    counts = {"verify": 0, "runsets": 0, "writers": 0}
+    verify, load_runset_, writer = registry.verify, session_module.load_runset, Warehouse.writer
+
+    def counting(name, function):
+        def wrapped(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(registry, "verify", counting("verify", verify))
+    monkeypatch.setattr(session_module, "load_runset", counting("runsets", load_runset_))
+    monkeypatch.setattr(Warehouse, "writer", counting("writers", writer))
+    refs = ["latest-simfluence-linear", "latest", "latest-tracin-cp-rescaled", "latest-mean-trajectory"]
+    evaluation = evaluate_and_report(experiment, "tiny", refs=refs, n_boot=10)
+    assert set(evaluation.scores["method"]) == {"simfluence_linear", "tracin_cp_rescaled", "mean_trajectory"}
+    assert counts == {"verify": 3, "runsets": 1, "writers": 1}

@@ -44,8 +44,8 @@ def template(tmp_path_factory) -> Path:
     for simulator in (sf.MeanTrajectory(), sf.Constant()):
         info = registry.publish(wh, "exp", simulator.fit(runs), fit_run_ids=[0], heldout_run_ids=[1], data_hash="d",
                                 config_hash="c", aliases=("latest", f"latest-{simulator.method}"))
-        registry.record_evaluation(wh, "exp", info.version, sf.metrics.score({"m": simulator}, runs.select_runs([1]),
-                                                                           n_boot=5).to_dicts(), [1])
+        scores = sf.metrics.score({"m": simulator}, runs.select_runs([1]), n_boot=5).to_dicts()
+        registry.record_evaluations(wh, "exp", [(info.version, scores, [1])])
     return home
 
 
