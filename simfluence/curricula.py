@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from simfluence.errors import SimfluenceError
 from simfluence.runset import PAD
 
 
-class CurriculumError(ValueError):
+class CurriculumError(SimfluenceError):
     """Raised for an impossible curriculum request; the message names the parameter or id."""
 
 

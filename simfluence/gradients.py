@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from simfluence.errors import SimfluenceError
 from simfluence.runset import RunSet
 
 
-class GradientError(ValueError):
+class GradientError(SimfluenceError):
     """Raised for malformed or mismatched gradient checkpoints."""
 
 

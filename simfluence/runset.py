@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from simfluence.errors import SimfluenceError
+
 PAD = -1
 
 
-class RunSetError(ValueError):
+class RunSetError(SimfluenceError):
     """Raised when logged runs are malformed; the message names the field, run and step."""
 
 

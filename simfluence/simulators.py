@@ -23,6 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 from safetensors.numpy import load_file, save_file
 
+from simfluence.errors import SimfluenceError
 from simfluence.gradients import GradientCheckpoints
 from simfluence.runset import PAD, RunSet
 from simfluence.solvers import (
@@ -39,7 +40,7 @@ FORMAT_VERSION = 1
 DEFAULT_L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
 
 
-class SimulatorError(ValueError):
+class SimulatorError(SimfluenceError):
     """Raised for a simulator used wrongly: not fitted, mismatched data, a bad bundle."""
 
 

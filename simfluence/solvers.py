@@ -36,13 +36,14 @@ import numpy as np
 import scipy.sparse as sp
 
 from simfluence._kernels import design_apply, design_transpose
+from simfluence.errors import SimfluenceError
 from simfluence.runset import PAD, RunSet
 
 Intercept = Literal["none", "constant", "step"]
 SolverName = Literal["auto", "direct", "cg"]
 
 
-class SolverError(ValueError):
+class SolverError(SimfluenceError):
     """Raised for invalid penalties or an unsolvable problem."""
 
 
