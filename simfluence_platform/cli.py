@@ -419,6 +419,10 @@ FLOW_COMMANDS = {"demo", "ingest", "collect", "fit", "evaluate", "refit"}
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prefect_defaults()
+    if getattr(args, "dask_address", None):  # the user's own command line may name a Dask scheduler
+        from simfluence_platform.tasks.fit import allow_dask_address
+
+        allow_dask_address(args.dask_address)
     try:
         if args.command in FLOW_COMMANDS:
             from simfluence_platform.prefect_api import ensure_api
