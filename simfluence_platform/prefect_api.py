@@ -29,7 +29,8 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 def die_with_parent() -> Callable[[], None] | None:
     """A ``preexec_fn`` that has the kernel SIGKILL the child when this process dies (Linux
-    only; None elsewhere). libc is loaded here, before the fork, not in the child."""
+    only; None elsewhere). The kernel sends it when the thread that started the child ends, so
+    start it from the main thread. libc is loaded here, before the fork, not in the child."""
     if not sys.platform.startswith("linux"):
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl
