@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml Makefile
 
 # The whole pipeline on the embedded default, through the Prefect deployments: a local server
 # (127.0.0.1:4200), the cpu and gpu process pools and their workers, then collect (48 runs of
-# MiniLM on BBC News), fit (Dask) and evaluate. The server and workers keep running for the UI;
-# `deployments/local.sh stop` stops them.
+# MiniLM on BBC News), fit (Dask) and evaluate. The server and workers keep running for the UI
+# and the refit schedule (every 15 minutes; the scheduler creates its runs ahead of time, and the
+# epilogue counts them); `deployments/local.sh stop` stops them.
 demo: $(STAMP)
 	deployments/local.sh start
 	deployments/local.sh run 'collect-runs/demo'
@@ -29,6 +30,7 @@ demo: $(STAMP)
 	@echo
 	@echo "Warehouse: simfluence-data/warehouse.duckdb  (.venv/bin/simfluence sql \"SELECT * FROM leaderboard\")"
 	@echo "Report and plots: simfluence-data/reports/demo/"
+	@deployments/local.sh scheduled refit/demo
 	@echo "Prefect UI: http://127.0.0.1:$${SIMFLUENCE_PREFECT_PORT:-4200}   (stop: deployments/local.sh stop)"
 
 test: $(STAMP)

@@ -31,8 +31,9 @@ def fit_simulators(experiment: str = "demo", methods: list[str] | None = None, h
                    dask_address: str | None = None, n_workers: int = FIT.n_workers, shard_size: int = FIT.shard_size,
                    warehouse: str | None = None) -> list[dict]:
     """Split the complete runs (every ``heldout_every``-th run id held out), fit each method
-    (Simfluence variants in shards of test examples on Dask: a LocalCluster, or the scheduler at
-    ``dask_address``), and publish a bundle per method (aliases ``latest-<method>``, ``latest``)."""
+    (Simfluence variants in shards of test examples on Dask: a LocalCluster, or a scheduler the
+    worker's environment allows, see ``tasks.fit.dask_scheduler``: ``dask_address`` must be one of
+    them), and publish a bundle per method (aliases ``latest-<method>``, ``latest``)."""
     job = plan_task(warehouse, experiment, methods, heldout_every, dask_address, n_workers, shard_size)
     rows = [fit_method_task.with_options(task_run_name=f"fit-{experiment}-{method}")(job, method)
             for method in job.methods]

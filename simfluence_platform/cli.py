@@ -476,14 +476,29 @@ def prefect_defaults() -> None:
         os.makedirs(os.path.expanduser(os.environ["PREFECT_HOME"]), exist_ok=True)  # Prefect's SQLite needs it
 
 
+# The commands that run Prefect flows (and so need a Prefect API).
+FLOW_COMMANDS = {"demo", "ingest", "collect", "fit", "evaluate", "refit"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prefect_defaults()
+    if getattr(args, "dask_address", None):  # the user's own command line may name a Dask scheduler
+        from simfluence_platform.tasks.fit import allow_dask_address
+
+        allow_dask_address(args.dask_address)
     try:
+        if args.command in FLOW_COMMANDS:
+            from simfluence_platform.prefect_api import ensure_api
+
+            ensure_api()
         result = args.handler(args)
     except USER_ERRORS as error:
         print(f"simfluence {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"simfluence {args.command}: interrupted", file=sys.stderr)
+        return 130
     if args.json and result is not None:
         print(to_json(result))
     return 0

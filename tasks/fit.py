@@ -2,9 +2,10 @@
 
 The unit of parallel work is a shard of test examples: test examples are independent
 problems, so the Simfluence variants are cross-validated and fitted shard by shard on a Dask
-cluster (a LocalCluster by default, or the scheduler at ``dask_address``). The fitting runs are
-scattered to the workers once. The penalty and intercept stay global: a first pass computes
-every shard's validation errors, the choice is made on all of them, and a second pass fits.
+cluster (a LocalCluster by default, or a scheduler this process is allowed to use: see
+:func:`dask_scheduler`). The fitting runs are scattered to the workers once. The penalty and
+intercept stay global: a first pass computes every shard's validation errors, the choice is
+made on all of them, and a second pass fits.
 
 Held-out runs are chosen by run id (every ``heldout_every``-th run, ids ``k-1, 2k-1, ...``), so
 the split is stable as runs are added: a later fit never trains on a run an earlier one was
@@ -14,6 +15,7 @@ judged on, and versions fitted at different times can be compared on the same he
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -97,6 +99,44 @@ class FitError(UserError, ValueError):
     """A fit that cannot be done (unknown method, too few runs)."""
 
 
+class DaskAddressError(FitError):
+    """A Dask scheduler this process is not allowed to connect to."""
+
+
+DASK_ADDRESS_ENV = "SIMFLUENCE_DASK_ADDRESS"
+DASK_ALLOWED_ENV = "SIMFLUENCE_DASK_ALLOWED"
+
+
+def allowed_dask_addresses() -> list[str]:
+    """The schedulers this process may connect to: ``$SIMFLUENCE_DASK_ADDRESS`` and the
+    comma-separated ``$SIMFLUENCE_DASK_ALLOWED`` (``tcp://host:8786,...``)."""
+    named = [os.environ.get(DASK_ADDRESS_ENV, "")] + os.environ.get(DASK_ALLOWED_ENV, "").split(",")
+    return [address.strip() for address in named if address.strip()]
+
+
+def allow_dask_address(address: str) -> None:
+    """Add ``address`` to this process's allow-list (the CLI does so for its own ``--dask-address``)."""
+    listed = [a for a in os.environ.get(DASK_ALLOWED_ENV, "").split(",") if a.strip()]
+    os.environ[DASK_ALLOWED_ENV] = ",".join([*listed, address])
+
+
+def dask_scheduler(requested: str | None) -> str | None:
+    """The Dask scheduler a fit connects to: ``requested`` when this process allows it (see
+    :func:`allowed_dask_addresses`), else ``$SIMFLUENCE_DASK_ADDRESS``, else None (a LocalCluster).
+
+    A Dask client and its scheduler exchange pickles, so whoever runs the scheduler can run code
+    in the client: the address comes from the environment of the process that fits (a worker's,
+    or the user's own command line), never from a run parameter alone."""
+    if requested is None:
+        return os.environ.get(DASK_ADDRESS_ENV, "").strip() or None
+    if requested not in allowed_dask_addresses():
+        raise DaskAddressError(
+            f"dask address {requested!r} is not allowed here: a fit connects only to a scheduler named in "
+            f"{DASK_ADDRESS_ENV} or {DASK_ALLOWED_ENV} (comma-separated) in the environment of the process that "
+            f"fits (a deployment's worker); `simfluence fit --dask-address` allows the address it is given")
+    return requested
+
+
 @dataclass(frozen=True)
 class Published:
     method: str
@@ -125,8 +165,9 @@ def data_hash(runs: RunSet) -> str:
 
 @contextmanager
 def dask_client(address: str | None, n_workers: int = 2) -> Iterator:
-    """A client of the scheduler at ``address`` (``tcp://host:8786``), or of a LocalCluster of
-    ``n_workers`` single-threaded in-process workers."""
+    """A client of the scheduler at ``address`` (``tcp://host:8786``; vetted by
+    :func:`dask_scheduler`), or of a LocalCluster of ``n_workers`` single-threaded in-process
+    workers."""
     from distributed import Client, LocalCluster
 
     if address:
@@ -220,7 +261,9 @@ def plan_fit(
     """Check the methods, split the complete runs (every ``heldout_every``-th run id held out)
     and read what the methods need. Methods whose gradients the experiment lacks are skipped
     with a message. ``latest`` goes to the primary method (Simfluence-Momentum) when it is
-    fitted, else to the first Simfluence method, else to the first method."""
+    fitted, else to the first Simfluence method, else to the first method. A ``dask_address``
+    this process does not allow is refused here, before anything connects (:func:`dask_scheduler`)."""
+    dask_address = dask_scheduler(dask_address)
     methods, info, (fit_ids, held_ids) = check_fit_request(warehouse, experiment, methods, heldout_every)
     fitting = load_runset(warehouse, experiment, run_ids=fit_ids)
     gradients = None

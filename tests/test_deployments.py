@@ -1,21 +1,30 @@
-"""Deployments triggered by name through a real local Prefect server and process workers.
+"""Deployments triggered by name, or by their schedules, through a real local Prefect server and
+process workers.
 
 One server for the module: the pools cpu and gpu are created and every deployment of
-deployments/prefect.yaml is deployed, as deployments/local.sh does."""
+deployments/prefect.yaml is deployed, as deployments/local.sh does. Flow runs write under a
+temporary SIMFLUENCE_HOME, never into the checkout's simfluence-data."""
 
+import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import polars as pl
 import pytest
+import yaml
 
 import simfluence as sf
+from simfluence_platform.storage import registry
 from simfluence_platform.storage.experiments import register_experiment
+from simfluence_platform.storage.ingest import ingest
 from simfluence_platform.storage.shards import LossShardWriter, RunHeader
 from simfluence_platform.storage.warehouse import Warehouse
 
@@ -34,9 +43,11 @@ def server(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("server")
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "SIMFLUENCE_PROJECT_DIR": str(ROOT)}
-    process = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "SIMFLUENCE_PROJECT_DIR": str(ROOT),
+           "SIMFLUENCE_HOME": str(tmp_path / "home")}
+    with server_log(env).open("w") as log:
+        process = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 150
         while True:
@@ -61,8 +72,67 @@ def server(tmp_path_factory):
         process.wait(timeout=30)
 
 
+def server_log(env) -> Path:
+    return Path(env["PREFECT_HOME"]).parent / "server.log"
+
+
 def prefect(env, *args, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([PREFECT, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def api(env, path: str, body: dict | None = None):
+    """One call of the server's REST API: GET, or POST with a JSON body."""
+    request = urllib.request.Request(env["PREFECT_API_URL"] + path, method="GET" if body is None else "POST",
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def deployment_runs(env, name: str) -> list[dict]:
+    """The flow runs of deployment ``name`` (``flow/deployment``), earliest expected start first."""
+    deployment = api(env, f"/deployments/name/{name}")
+    return api(env, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}},
+                                          "sort": "EXPECTED_START_TIME_ASC"})
+
+
+def wait_for(condition, timeout: float, what: str, detail=lambda: "", every: float = 2.0):
+    """The first truthy result of ``condition()``, polled every ``every`` s; after ``timeout`` s
+    the test fails, with ``detail()``."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}\n{detail()}")
+        time.sleep(every)
+    return result
+
+
+def scheduler_errors(env) -> list[str]:
+    """The errors the server's schedulers (``schedule_deployments``, ``schedule_recent_deployments``)
+    logged, each as its log line and exception messages. SQLite's transient "database is locked"
+    is not counted: the next pass retries it."""
+    entries = re.split(r"\n(?=\d\d:\d\d:\d\d\.\d+ \| )", server_log(env).read_text())
+    return ["\n".join(line for line in entry.splitlines() if line == entry.splitlines()[0] or "Error:" in line)
+            for entry in entries
+            if "| ERROR" in entry.split("\n", 1)[0] and "schedul" in entry.split("\n", 1)[0]
+            and "database is locked" not in entry]
+
+
+def stop_worker(worker: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL: a Prefect 3.8 worker does not exit on SIGTERM alone. The flow runs
+    it started (sessions of their own) go too."""
+    listed = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
+    os.killpg(worker.pid, signal.SIGTERM)
+    try:
+        worker.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=10)
+    for pid in map(int, listed):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_ingest_deployment_runs_on_a_process_worker(server, tmp_path):
@@ -82,8 +152,7 @@ def test_ingest_deployment_runs_on_a_process_worker(server, tmp_path):
         run = prefect(server, "deployment", "run", "ingest-losses/default", "-p", f"warehouse={wh.path}", "--watch",
                       "--watch-timeout", "240")
     finally:
-        os.killpg(worker.pid, 15)
-        worker.wait(timeout=30)
+        stop_worker(worker)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     with wh.reader() as con:
         assert con.execute("SELECT status FROM runs WHERE experiment = 'deployed'").fetchall() == [("complete",)]
@@ -104,8 +173,7 @@ def test_collection_dispatched_to_the_gpu_pool(server, tmp_path):
                       "--watch-timeout", "400", timeout=450)
     finally:
         for worker in workers:
-            os.killpg(worker.pid, 15)
-            worker.wait(timeout=30)
+            stop_worker(worker)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     with Warehouse(warehouse).reader() as con:
         assert con.execute("SELECT run_id, status FROM runs ORDER BY run_id").fetchall() == [(0, "complete"),
@@ -117,3 +185,63 @@ def test_collection_dispatched_to_the_gpu_pool(server, tmp_path):
             "print(sorted((r.name, r.state.type.value) for r in runs))")
     listed = subprocess.run([sys.executable, "-c", code], env=server, capture_output=True, text=True, timeout=120)
     assert listed.stdout.strip() == "[('train-run-0', 'COMPLETED'), ('train-run-1', 'COMPLETED')]", listed.stderr
+
+
+def test_the_refit_schedule_creates_runs_and_the_scheduler_logs_no_error(server):
+    """The scheduler creates refit/demo's runs ahead of time, 900 s apart, and logs no error
+    (with SQLAlchemy 2.1 it failed on every pass: "Can't evaluate bulk DML statement")."""
+    runs = wait_for(lambda: deployment_runs(server, "refit/demo"), 60, "the scheduler to create refit/demo runs",
+                    detail=lambda: "\n".join(scheduler_errors(server)[-6:]))
+    scheduled = [run for run in runs if run["state_type"] == "SCHEDULED"]
+    assert len(scheduled) >= 3 and all(run["auto_scheduled"] for run in scheduled), runs
+    starts = [datetime.fromisoformat(run["expected_start_time"]) for run in scheduled]
+    assert {(b - a).total_seconds() for a, b in zip(starts, starts[1:])} == {900.0}
+    assert scheduler_errors(server) == []
+
+
+def test_a_scheduled_refit_runs_on_a_worker_and_moves_latest_and_best(server, tmp_path):
+    """A copy of the refit deployment on a 15 s interval, on a pool of its own: its first
+    scheduled run refits the experiment on the worker, setting latest and, on that first
+    evaluation, best."""
+    wh = Warehouse(tmp_path / "home" / "warehouse.duckdb")
+    frame = lambda k: pl.DataFrame({"example_id": range(k), "text": ["x"] * k, "label": ["a"] * k})  # noqa: E731
+    register_experiment(wh, "scheduled", {}, frame(12), frame(4))
+    runs, _ = sf.synthetic.linear_runs(12, 4, 10, 8, 2, seed=0)
+    for r in range(10):  # run ids 4 and 9 held out, 8 fitting runs
+        writer = LossShardWriter(wh.shard_root, RunHeader("scheduled", r, 8, 2, 4))
+        writer.write_batches(runs.batches[r])
+        for t in range(9):
+            writer.log(t, runs.losses[r, t])
+        writer.complete()
+    ingest(wh)
+
+    project = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    refit = next(d for d in project["deployments"] if d["entrypoint"] == "flows/refit.py:refit")
+    refit.update(name="every-15s", schedules=[{"interval": 15}], work_pool={"name": "schedule-test"},
+                 parameters={"experiment": "scheduled", "warehouse": str(wh.path), "n_boot": 20,
+                             "methods": ["simfluence_linear", "mean_trajectory"]})
+    project["deployments"] = [refit]
+    copy = tmp_path / "prefect.yaml"
+    copy.write_text(yaml.safe_dump(project))
+    created = prefect(server, "work-pool", "create", "schedule-test", "--type", "process", timeout=120)
+    assert created.returncode == 0, created.stdout + created.stderr
+    deployed = prefect(server, "--no-prompt", "deploy", "--all", "--prefect-file", str(copy))
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "schedule-test"],
+                              env={**server, "PREFECT_WORKER_QUERY_SECONDS": "2"}, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def finished() -> list[dict]:
+            return [run for run in deployment_runs(server, "refit/every-15s")
+                    if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
+
+        first = wait_for(finished, 150, "a scheduled refit to finish",
+                         detail=lambda: json.dumps(deployment_runs(server, "refit/every-15s"), indent=1)[-3000:])[0]
+    finally:
+        stop_worker(worker)
+    assert first["state_type"] == "COMPLETED" and first["auto_scheduled"], first
+    latest = registry.alias_version(wh, "scheduled", "latest")
+    best = registry.alias_version(wh, "scheduled", "best")
+    assert latest is not None and best == registry.alias_version(wh, "scheduled", "latest-simfluence-linear")
+    assert scheduler_errors(server) == []

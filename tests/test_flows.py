@@ -90,19 +90,31 @@ def test_collect_fit_evaluate_refit_and_the_cli(home):
 
 
 
-def test_fit_on_a_dask_scheduler_address(home):
+def test_fit_on_a_dask_scheduler_address(home, monkeypatch):
+    """Only on an allowed scheduler: refused as a bare parameter, fitted once the process's
+    environment allows it; the command line allows its own --dask-address."""
     from distributed import LocalCluster
 
     from simfluence_platform.flows.collect import collect_runs
     from simfluence_platform.flows.fit import fit_simulators
+    from simfluence_platform.tasks.fit import DaskAddressError
 
+    monkeypatch.setenv("SIMFLUENCE_DASK_ADDRESS", "")
+    monkeypatch.setenv("SIMFLUENCE_DASK_ALLOWED", "")
     warehouse = str(home / "dask" / "warehouse.duckdb")
     collect_runs(preset="tiny", runs=10, warehouse=warehouse, gradients=False)
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp",
                       dashboard_address=None) as cluster:
         assert cluster.scheduler_address.startswith("tcp://")
+        with pytest.raises(DaskAddressError, match="is not allowed here"):
+            fit_simulators(experiment="tiny", dask_address=cluster.scheduler_address, warehouse=warehouse)
+        monkeypatch.setenv("SIMFLUENCE_DASK_ALLOWED", cluster.scheduler_address)
         published = fit_simulators(experiment="tiny", methods=["simfluence_linear", "simfluence_additive"],
                                    shard_size=3, dask_address=cluster.scheduler_address, warehouse=warehouse)
+        monkeypatch.setenv("SIMFLUENCE_DASK_ALLOWED", "")
+        code, _, err = _cli("fit", "--experiment", "tiny", "--methods", "simfluence_linear", "--shard-size", "3",
+                            "--dask-address", cluster.scheduler_address, "--warehouse", warehouse)
+        assert code == 0, err
     simulator, info = registry.load(Warehouse(warehouse), "tiny", published[0]["version"])
     assert info.manifest["name"] == "simfluence_linear" and len(simulator.test_ids) == 8
     additive, info = registry.load(Warehouse(warehouse), "tiny", published[1]["version"])
