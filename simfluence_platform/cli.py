@@ -14,31 +14,22 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-import numpy as np
-import polars as pl
-from tqdm import tqdm
-
-from simfluence import metrics, synthetic
-from simfluence.curricula import CurriculumError
-from simfluence.gradients import GradientError
-from simfluence.runset import RunSetError
-from simfluence.simulators import (
-    Constant,
-    MeanTrajectory,
-    SimfluenceAdditive,
-    SimfluenceLinear,
-    SimfluenceMultiplicative,
-    Simulator,
-    SimulatorError,
-)
-from simfluence.solvers import SolverError
+from simfluence.errors import SimfluenceError
 from simfluence_platform.errors import UserError
 from simfluence_platform.tasks.steps import FIT, EVALUATE
 
+if TYPE_CHECKING:
+    import polars as pl
+
+    from simfluence.simulators import Simulator
+
+# Heavy modules (NumPy, Polars, SciPy, the simulators, Prefect) are imported by the commands
+# that use them, so a read-only command starts in a fraction of a second.
+
 # Bad input: the science's own errors and the platform's UserError (one line, exit status 2).
-USER_ERRORS = (RunSetError, SimulatorError, SolverError, CurriculumError, GradientError, FileNotFoundError, UserError)
+USER_ERRORS = (SimfluenceError, FileNotFoundError, UserError)
 
 
 def positive_int(text: str) -> int:
@@ -70,6 +61,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def default_simulators(seed: int = 0) -> dict[str, Simulator]:
     """The methods every leaderboard shows when no gradients are available."""
+    from simfluence.simulators import (
+        Constant,
+        MeanTrajectory,
+        SimfluenceAdditive,
+        SimfluenceLinear,
+        SimfluenceMultiplicative,
+    )
+
     return {
         "simfluence_linear": SimfluenceLinear(intercept="cv", seed=seed),
         "simfluence_linear_paper": SimfluenceLinear(parametrization="paper", intercept="cv", seed=seed),
@@ -82,6 +81,10 @@ def default_simulators(seed: int = 0) -> dict[str, Simulator]:
 
 def format_leaderboard(scores: pl.DataFrame) -> str:
     """A fixed-width leaderboard: one row per method, each metric as ``value [ci_low, ci_high]``."""
+    import polars as pl
+
+    from simfluence import metrics
+
     board = metrics.leaderboard(scores)
     names = list(metrics.METRICS)
     header = f"{'method':<28}" + "".join(f"{name:>32}" for name in names)
@@ -97,6 +100,10 @@ def format_leaderboard(scores: pl.DataFrame) -> str:
 
 def cmd_synthetic(args: argparse.Namespace) -> dict:
     """Fit and score every simulator on synthetic runs with a known non-additive process."""
+    from tqdm import tqdm
+
+    from simfluence import metrics, synthetic
+
     runs, _ = synthetic.redundancy_runs(args.n_train, args.n_tests, args.runs, args.steps, args.batch_size,
                                         seed=args.seed)
     fitting, heldout = runs.split(args.heldout, seed=args.seed)
@@ -122,6 +129,7 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     from simfluence_platform.flows.evaluate import evaluate_simulators
     from simfluence_platform.flows.fit import fit_simulators
 
+    ensure_api()
     collect_runs(preset="demo", runs=args.runs, warehouse=args.warehouse)
     fit_simulators(experiment="demo", warehouse=args.warehouse)
     result = evaluate_simulators(experiment="demo", warehouse=args.warehouse)
@@ -147,6 +155,14 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_synthetic)
 
 
+def ensure_api() -> None:
+    """A Prefect API for the flows this command runs (called after its input is checked, so
+    bad input is answered before any server starts): see :mod:`simfluence_platform.prefect_api`."""
+    from simfluence_platform.prefect_api import ensure_api as ensure
+
+    ensure()
+
+
 def _warehouse(args: argparse.Namespace):
     from simfluence_platform.storage.warehouse import Warehouse  # the science itself never imports DuckDB
 
@@ -157,6 +173,7 @@ def cmd_ingest(args: argparse.Namespace) -> dict:
     """Load new loss shards into the warehouse (the single writer): the ingest-losses flow."""
     from simfluence_platform.flows.ingest import ingest_losses
 
+    ensure_api()
     report = ingest_losses(warehouse=args.warehouse, experiment=args.experiment)
     if not args.json:
         print(f"loaded {report['loaded_shards']} shards ({report['loaded_rows']} rows); "
@@ -170,6 +187,8 @@ def cmd_ingest(args: argparse.Namespace) -> dict:
 
 def cmd_sql(args: argparse.Namespace) -> dict | None:
     """Run one read-only query (see :meth:`Warehouse.query`); never takes the writer lock."""
+    import polars as pl
+
     frame = _warehouse(args).query(args.query)
     if args.json:
         return {"columns": frame.columns, "rows": frame.rows()}
@@ -185,6 +204,8 @@ def cmd_sql(args: argparse.Namespace) -> dict | None:
 
 def nested_as_json(frame: pl.DataFrame) -> pl.DataFrame:
     """``frame`` with its list, array and struct columns as JSON text (CSV has no nested values)."""
+    import polars as pl
+
     return frame.with_columns(
         pl.Series(name, [None if value is None else to_json(value, indent=None) for value in frame[name].to_list()],
                   dtype=pl.String)
@@ -219,6 +240,7 @@ def cmd_collect(args: argparse.Namespace) -> dict:
     if (args.preset is None) == (args.config is None):
         raise ConfigChoiceError("give exactly one of --preset and --config")
     experiment_config(args.preset, args.config)  # a bad config fails before any flow starts
+    ensure_api()
     result = collect_runs(preset=args.preset, config_path=args.config, runs=args.runs, warehouse=args.warehouse,
                           gradients=not args.no_gradients, on_workers=args.on_workers)
     if not args.json:
@@ -236,6 +258,7 @@ def cmd_fit(args: argparse.Namespace) -> list:
 
     methods = args.methods.split(",") if args.methods else None
     check_fit_request(_warehouse(args), args.experiment, methods, args.heldout_every)  # before any flow starts
+    ensure_api()
     rows = fit_simulators(experiment=args.experiment, methods=methods,
                           heldout_every=args.heldout_every, dask_address=args.dask_address, n_workers=args.n_workers,
                           shard_size=args.shard_size, warehouse=args.warehouse)
@@ -253,8 +276,11 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     refs = args.versions.split(",") if args.versions else ([args.alias] if args.alias else None)
     for ref in refs or []:
         registry.resolve(_warehouse(args), args.experiment, ref)  # unknown refs fail before any flow starts
+    ensure_api()
     result = evaluate_simulators(experiment=args.experiment, refs=refs, n_boot=args.bootstrap, warehouse=args.warehouse)
     if not args.json:
+        import polars as pl
+
         print(format_leaderboard(pl.DataFrame(result["scores"]).drop("version")))
         print(f"\nreport: {result['files'][0]}")
     return result
@@ -266,6 +292,7 @@ def cmd_refit(args: argparse.Namespace) -> dict:
     from simfluence_platform.storage.experiments import experiment_info
 
     experiment_info(_warehouse(args), args.experiment)  # an unknown experiment fails before any flow starts
+    ensure_api()
     result = refit(experiment=args.experiment, heldout_every=args.heldout_every, dask_address=args.dask_address,
                    warehouse=args.warehouse)
     if not args.json:
@@ -322,6 +349,8 @@ def _tests(args: argparse.Namespace) -> list[int] | None:
 
 def cmd_whatif(args: argparse.Namespace) -> dict:
     """Simulate an observed run edited, beside the run itself and its plain simulation."""
+    import numpy as np
+
     from simfluence import plots, whatif
     from simfluence_platform.tasks.whatif import ask, trajectory_table, write_table
 
@@ -367,6 +396,9 @@ def cmd_whatif(args: argparse.Namespace) -> dict:
 
 def cmd_influence(args: argparse.Namespace) -> dict:
     """Rank training examples by leave-one-out effect; pair interactions; order effects."""
+    import polars as pl
+    from tqdm import tqdm
+
     from simfluence import plots, whatif
     from simfluence_platform.tasks.whatif import ask, write_table
 
@@ -406,6 +438,8 @@ def cmd_influence(args: argparse.Namespace) -> dict:
 
 def cmd_report(args: argparse.Namespace) -> dict:
     """A self-contained HTML report of an experiment."""
+    from tqdm import tqdm
+
     from simfluence_platform.tasks.report import build_report
 
     stages = ["coverage", "leaderboard", "trajectories", "influence"]
@@ -476,10 +510,6 @@ def prefect_defaults() -> None:
         os.makedirs(os.path.expanduser(os.environ["PREFECT_HOME"]), exist_ok=True)  # Prefect's SQLite needs it
 
 
-# The commands that run Prefect flows (and so need a Prefect API).
-FLOW_COMMANDS = {"demo", "ingest", "collect", "fit", "evaluate", "refit"}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prefect_defaults()
@@ -488,10 +518,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         allow_dask_address(args.dask_address)
     try:
-        if args.command in FLOW_COMMANDS:
-            from simfluence_platform.prefect_api import ensure_api
-
-            ensure_api()
         result = args.handler(args)
     except USER_ERRORS as error:
         print(f"simfluence {args.command}: error: {error}", file=sys.stderr)
@@ -511,7 +537,8 @@ def to_json(value: object, indent: int | None = 2) -> str:
 
 
 def _jsonable(value: object) -> object:
-    if isinstance(value, (np.generic, np.ndarray)):
+    numpy = sys.modules.get("numpy")  # a NumPy value exists only once NumPy is loaded
+    if numpy is not None and isinstance(value, (numpy.generic, numpy.ndarray)):
         value = value.tolist()
     if isinstance(value, Decimal):
         value = float(value)

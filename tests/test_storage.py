@@ -18,7 +18,7 @@ from simfluence_platform.storage import registry, warehouse as warehouse_module
 from simfluence_platform.storage.experiments import load_runset, register_experiment
 from simfluence_platform.storage.ingest import ingest
 from simfluence_platform.storage.shards import LossShardWriter, RunHeader, ShardError
-from simfluence_platform.storage.warehouse import Warehouse, WarehouseError, fetch_one
+from simfluence_platform.storage.warehouse import Warehouse, WarehouseError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shard_writer_process import synthetic_run  # noqa: E402
