@@ -27,6 +27,9 @@ def refit(experiment: str = "demo", methods: list[str] | None = None, heldout_ev
     logger = get_run_logger()
     wh = open_warehouse(warehouse)
     complete = complete_run_ids(wh, experiment)
+    if not complete:  # also before the warehouse exists: a schedule may fire before the first collection
+        logger.info(f"experiment {experiment!r} has no complete runs yet; nothing to refit")
+        return {"refit": False, "latest": None, "best": None}
     try:
         latest = registry.resolve(wh, experiment, "latest")
         seen = set(latest.manifest["fit_run_ids"]) | set(latest.manifest["heldout_run_ids"])

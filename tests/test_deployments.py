@@ -187,6 +187,52 @@ def test_collection_dispatched_to_the_gpu_pool(server, tmp_path):
     assert listed.stdout.strip() == "[('train-run-0', 'COMPLETED'), ('train-run-1', 'COMPLETED')]", listed.stderr
 
 
+def lock_holders(lock: Path) -> list[int]:
+    """The processes that have ``lock`` open (a run's lock file: its training process)."""
+    holders = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == str(lock) for fd in fd_dir.iterdir()):
+                holders.append(int(fd_dir.parent.name))
+        except OSError:
+            continue
+    return holders
+
+
+def test_a_killed_train_run_is_dispatched_again_and_the_collection_completes(server, tmp_path):
+    """SIGKILL the worker process training run 1 (CRASHED, which Prefect's own retries do not
+    cover): collect-runs dispatches it again, the new attempt replaces the partial one, and
+    both runs end complete exactly once."""
+    warehouse = tmp_path / "home" / "warehouse.duckdb"
+    lock = tmp_path / "home" / "shards" / "tiny" / "run-000001.lock"
+    workers = [subprocess.Popen([PREFECT, "worker", "start", "--pool", pool], env=server, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+               for pool in ("cpu", "gpu")]
+    try:
+        run = subprocess.Popen([PREFECT, "deployment", "run", "collect-runs/gpu", "-p", "preset=tiny", "-p", "runs=2",
+                                "-p", f"warehouse={warehouse}", "-p", "gradients=false", "-p", "poll_seconds=1",
+                                "--watch", "--watch-timeout", "500"], env=server, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        victim = wait_for(lambda: lock.exists() and lock_holders(lock), 400, "run 1 to start training",
+                          detail=lambda: "collect-runs/gpu " + ("still running" if run.poll() is None else
+                                                                f"ended: {run.communicate()[0][-3000:]}"),
+                          every=0.05)
+        os.kill(victim[0], signal.SIGKILL)
+        output, _ = run.communicate(timeout=550)
+    finally:
+        for worker in workers:
+            stop_worker(worker)
+    assert run.returncode == 0, output[-3000:]
+    with Warehouse(warehouse).reader() as con:
+        assert con.execute("SELECT run_id, status FROM runs ORDER BY run_id").fetchall() == [(0, "complete"),
+                                                                                          (1, "complete")]
+        assert con.execute("SELECT count(*), count(DISTINCT (run_id, step, test_id)) FROM losses").fetchall() == \
+            [(2 * 7 * 8,) * 2]
+    states = sorted(r["state"]["type"] for r in api(server, "/flow_runs/filter", {
+        "flow_runs": {"name": {"any_": ["train-run-1"]}}}) if r["parameters"].get("warehouse") == str(warehouse))
+    assert states == ["COMPLETED", "CRASHED"], states
+
+
 def test_the_refit_schedule_creates_runs_and_the_scheduler_logs_no_error(server):
     """The scheduler creates refit/demo's runs ahead of time, 900 s apart, and logs no error
     (with SQLAlchemy 2.1 it failed on every pass: "Can't evaluate bulk DML statement")."""

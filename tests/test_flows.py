@@ -134,3 +134,12 @@ def test_bad_input_fails_the_flow_before_writing(home):
         pass
     with pytest.raises(Exception, match="unknown experiment 'nope'"):
         fit_simulators(experiment="nope", warehouse=str(empty.path))
+
+
+def test_a_refit_before_any_collection_is_a_no_op(tmp_path):
+    """The refit schedule fires as soon as it is deployed, before the first collection."""
+    from simfluence_platform.flows.refit import refit
+
+    assert refit(experiment="demo", warehouse=str(tmp_path / "warehouse.duckdb")) == \
+        {"refit": False, "latest": None, "best": None}
+    assert not (tmp_path / "warehouse.duckdb").exists()
