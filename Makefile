@@ -26,12 +26,18 @@ demo: $(STAMP)
 	deployments/local.sh run 'collect-runs/demo'
 	deployments/local.sh run 'fit-simulators/demo'
 	deployments/local.sh run 'evaluate-simulators/demo'
+	@$(BIN)/simfluence report --experiment demo > /dev/null
 	@cat simfluence-data/reports/demo/leaderboard.md
 	@echo
+	@echo "Shown: the held-out leaderboard of every simulator on the demo (lower MSE, higher Spearman is better)."
 	@echo "Warehouse: simfluence-data/warehouse.duckdb  (.venv/bin/simfluence sql \"SELECT * FROM leaderboard\")"
-	@echo "Report and plots: simfluence-data/reports/demo/"
+	@echo "Report: simfluence-data/reports/demo/report.html (plots beside it)"
 	@deployments/local.sh scheduled refit/demo
 	@echo "Prefect UI: http://127.0.0.1:$${SIMFLUENCE_PREFECT_PORT:-4200}   (stop: deployments/local.sh stop)"
+	@echo "Next:"
+	@echo "  .venv/bin/simfluence whatif --experiment demo --edit remove:18 --edit move:4@1 --plot whatif.png"
+	@echo "  .venv/bin/simfluence influence --experiment demo --tests 12 --plot influence.png"
+	@echo "  .venv/bin/simfluence sql \"SELECT run_id, loss FROM final_losses WHERE test_id = 12 ORDER BY loss\""
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
