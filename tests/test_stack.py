@@ -64,10 +64,11 @@ def isolated_env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the server dies with the command on Linux only")
 def test_a_sigkilled_cli_command_leaves_no_temporary_server(tmp_path):
-    cli = subprocess.Popen([str(BIN / "simfluence"), "fit", "--experiment", "x"], env=isolated_env(tmp_path),
+    # ingest has no input to check, so it starts its temporary server at once
+    cli = subprocess.Popen([str(BIN / "simfluence"), "ingest"], env=isolated_env(tmp_path),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        server = wait_for(lambda: children(cli.pid), 60, "the temporary server")[0]
+        server = wait_for(lambda: children(cli.pid), 180, "the temporary server")[0]
         assert "uvicorn" in Path(f"/proc/{server}/cmdline").read_text()
         assert cli.poll() is None
         os.kill(cli.pid, signal.SIGKILL)
@@ -123,7 +124,7 @@ def test_local_stack_stop_leaves_no_process(tmp_path):
         run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "ingest-losses/default"], env=api,
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stdout + run.stderr
-        flow_run = wait_for(lambda: children(pids["worker-cpu"]), 60, "the worker's flow-run process")[0]
+        flow_run = wait_for(lambda: children(pids["worker-cpu"]), 180, "the worker's flow-run process")[0]
 
         stopped = local("stop", timeout=60)
         assert stopped.returncode == 0 and stopped.stdout.strip() == "stopped", stopped.stdout + stopped.stderr
