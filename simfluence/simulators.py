@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import warnings
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -244,8 +246,89 @@ class MeanTrajectory(Simulator):
 # ---- Simfluence-Linear and its variants ----------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LinearParameters:
+    """The fitted parameters of a Simfluence-Linear model: a value, apart from the estimator
+    that fits them.
+
+    ``A``, ``B``: ``float64[n, m]`` multiplicative and additive effects of each training example
+    on each test loss, or None when the model has no such block (Simfluence-Additive has no A,
+    Simfluence-Multiplicative no B); ``alpha0``, ``beta0``: ``float64[G, m]`` step intercepts
+    (G = 1: one for every step); ``base``: 1 for the residual form (alpha = 1 + sum A), 0 for
+    the paper's (alpha = sum A).
+    """
+
+    A: np.ndarray | None
+    B: np.ndarray | None
+    alpha0: np.ndarray
+    beta0: np.ndarray
+    base: float
+
+    def __post_init__(self) -> None:
+        if self.A is None and self.B is None:
+            raise SimulatorError("a Simfluence-Linear model needs an A block, a B block or both")
+        shapes = {a.shape for a in (self.A, self.B) if a is not None}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise SimulatorError(f"A and B must both be [n, m], got {sorted(shapes)}")
+        m = self.n_tests
+        if self.alpha0.ndim != 2 or self.alpha0.shape[1] != m or self.beta0.shape != self.alpha0.shape:
+            raise SimulatorError(f"alpha0 and beta0 must be [G, {m}], got {self.alpha0.shape} and {self.beta0.shape}")
+
+    @property
+    def n_train(self) -> int:
+        return (self.A if self.A is not None else self.B).shape[0]
+
+    @property
+    def n_tests(self) -> int:
+        return (self.A if self.A is not None else self.B).shape[1]
+
+    @cached_property
+    def _tables(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def coefficients(self, step_counts: sp.csr_matrix, step: int, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+        """``(alpha, beta)``, each ``[K, m]``, of the batches ``step_counts`` (``[K, n]`` counts)
+        at ``step`` (1-based; beyond the intercepts' horizon, the last group's)."""
+        key = np.dtype(dtype).str
+        if key not in self._tables:  # [n, (A?) m + (B?) m] in dtype, built once
+            self._tables[key] = np.concatenate([b for b in (self.A, self.B) if b is not None], axis=1).astype(dtype)
+        effect = step_counts @ self._tables[key]
+        m, g = self.n_tests, min(step, len(self.alpha0) - 1)
+        zeros = np.zeros((effect.shape[0], m), dtype=dtype)
+        alpha = effect[:, :m] if self.A is not None else zeros.copy()
+        beta = effect[:, -m:] if self.B is not None else zeros
+        alpha += self.base + self.alpha0[g].astype(dtype)
+        beta += self.beta0[g].astype(dtype)
+        return alpha, beta
+
+    @classmethod
+    def join(cls, parts: list[LinearParameters]) -> LinearParameters:
+        """The parameters of disjoint shards of test examples (same training set, same blocks,
+        same form) as one, in order."""
+        first = parts[0]
+        if any((p.A is None) != (first.A is None) or (p.B is None) != (first.B is None) or p.base != first.base
+               or p.n_train != first.n_train or len(p.alpha0) != len(first.alpha0) for p in parts):
+            raise SimulatorError("only shards of one model (same blocks, form, training set, intercepts) can be joined")
+
+        def stacked(name: str) -> np.ndarray | None:
+            arrays = [getattr(p, name) for p in parts]
+            return None if arrays[0] is None else np.concatenate(arrays, axis=1)
+
+        return cls(stacked("A"), stacked("B"), stacked("alpha0"), stacked("beta0"), first.base)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """For a bundle: every block, a missing one as zeros (the format is the same for all)."""
+        zeros = np.zeros((self.n_train, self.n_tests))
+        return {"A": zeros if self.A is None else self.A, "B": zeros if self.B is None else self.B,
+                "alpha0": self.alpha0, "beta0": self.beta0}
+
+
 class SimfluenceLinear(Simulator):
     """Simfluence-Linear: ``L_t = alpha(c_t) L_{t-1} + beta(c_t)`` with per-example A and B.
+
+    The estimator: it chooses hyperparameters by cross-validation and fits; what it fits is a
+    :class:`LinearParameters` value (``params``), which simulation, bundles and the joining of
+    Dask shards use.
 
     Args:
         parametrization: ``residual`` (alpha = 1 + sum A; the penalty shrinks an unseen example
@@ -340,7 +423,8 @@ class SimfluenceLinear(Simulator):
         zeros = np.zeros((1, m))
         alpha0 = zeros if alpha0 is None else np.asarray(alpha0, dtype=np.float64)
         beta0 = np.zeros_like(alpha0) if beta0 is None else np.asarray(beta0, dtype=np.float64)
-        simulator._set_solution(RidgeSolution(A, B, alpha0, beta0, 0, "given"))
+        simulator.params = LinearParameters(A if cls.use_a else None, B if cls.use_b else None, alpha0, beta0,
+                                            simulator.base)
         simulator.fitted_intercept = intercept
         simulator.fitted_l2 = np.full(m, np.nan)
         simulator.n_train = n
@@ -349,12 +433,20 @@ class SimfluenceLinear(Simulator):
 
     def _set_solution(self, solution: RidgeSolution) -> None:
         m = (solution.A if solution.A is not None else solution.B).shape[1]
-        n = (solution.A if solution.A is not None else solution.B).shape[0]
-        self.A = solution.A if solution.A is not None else np.zeros((n, m))
-        self.B = solution.B if solution.B is not None else np.zeros((n, m))
-        self.alpha0 = solution.alpha0 if solution.alpha0 is not None else np.zeros((1, m))
-        self.beta0 = solution.beta0 if solution.beta0 is not None else np.zeros((1, m))
-        self._table_cache: dict[Any, np.ndarray] = {}
+        zeros = np.zeros((1, m))
+        self.params = LinearParameters(solution.A, solution.B,
+                                       solution.alpha0 if solution.alpha0 is not None else zeros,
+                                       solution.beta0 if solution.beta0 is not None else zeros, self.base)
+
+    @property
+    def A(self) -> np.ndarray:
+        """``float64[n, m]``; zeros when the model has no A block (``params.A is None``)."""
+        return self.params.arrays()["A"]
+
+    @property
+    def B(self) -> np.ndarray:
+        """``float64[n, m]``; zeros when the model has no B block (``params.B is None``)."""
+        return self.params.arrays()["B"]
 
     def candidates(self) -> tuple[list[Intercept], list[float]]:
         """The intercepts and penalties cross-validation chooses among (penalties large to small)."""
@@ -427,26 +519,11 @@ class SimfluenceLinear(Simulator):
         whole.fitted_intercept = first.fitted_intercept
         whole.fitted_l2 = np.concatenate([p.fitted_l2 for p in parts])
         whole.cv_scores = first.cv_scores
-        joined = {k: np.concatenate([p.parameters()[k] for p in parts], axis=-1) for k in ("A", "B", "alpha0", "beta0")}
-        whole._set_solution(RidgeSolution(joined["A"], joined["B"], joined["alpha0"], joined["beta0"], 0, "joined"))
+        whole.params = LinearParameters.join([p.params for p in parts])
         return whole
 
-    def _tables(self, dtype: type) -> np.ndarray:
-        """``[n, 2m]`` = [A | B] in ``dtype``, cached."""
-        key = np.dtype(dtype).str
-        if key not in self._table_cache:
-            self._table_cache[key] = np.concatenate([self.A, self.B], axis=1).astype(dtype)
-        return self._table_cache[key]
-
     def _coefficients(self, step_counts, step, dtype):
-        m = self.A.shape[1]
-        effect = step_counts @ self._tables(dtype)
-        g = min(step, len(self.alpha0) - 1)
-        alpha = effect[:, :m]
-        alpha += self.base + self.alpha0[g].astype(dtype)
-        beta = effect[:, m:]
-        beta += self.beta0[g].astype(dtype)
-        return alpha, beta
+        return self.params.coefficients(step_counts, step, dtype)
 
     def hyperparameters(self) -> dict[str, Any]:
         hp: dict[str, Any] = {
@@ -473,13 +550,12 @@ class SimfluenceLinear(Simulator):
         return simulator
 
     def parameters(self) -> dict[str, np.ndarray]:
-        return {"A": self.A, "B": self.B, "alpha0": self.alpha0, "beta0": self.beta0, "l2": self.fitted_l2}
+        return {**self.params.arrays(), "l2": self.fitted_l2}
 
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
-        self.A, self.B = arrays["A"], arrays["B"]
-        self.alpha0, self.beta0 = arrays["alpha0"], arrays["beta0"]
+        self.params = LinearParameters(arrays["A"] if self.use_a else None, arrays["B"] if self.use_b else None,
+                                       arrays["alpha0"], arrays["beta0"], self.base)
         self.fitted_l2 = arrays["l2"]
-        self._table_cache = {}
 
 
 _LINEAR_ARGS = ("parametrization", "intercept", "l2", "l2_b", "l2_grid", "cv_folds", "per_test_l2", "solver", "seed")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import simfluence as sf
+from simfluence.simulators import LinearParameters
 from simfluence.synthetic import linear_runs, redundancy_runs
 
 
@@ -210,3 +211,22 @@ def test_cross_validation_warns_at_the_edge_of_the_grid(redundancy):
     fitting, _ = redundancy
     with pytest.warns(UserWarning, match="at the edge of l2_grid"):
         sf.SimfluenceLinear(intercept="step", l2_grid=(1e3, 1e4), cv_folds=3).fit(fitting)
+
+
+def test_fitted_parameters_are_a_value_with_explicit_blocks(tmp_path):
+    """What a fit produces is a LinearParameters value: the blocks a model lacks are None (not
+    zeros), through a bundle and through joining shards of test examples, which keeps the class."""
+    runs, _ = sf.synthetic.linear_runs(12, 6, 10, 8, 2, seed=3)
+    for cls, has_a, has_b in ((sf.SimfluenceLinear, True, True), (sf.SimfluenceAdditive, False, True),
+                              (sf.SimfluenceMultiplicative, True, False)):
+        fitted = cls(intercept="constant", l2=1.0).fit(runs)
+        assert (fitted.params.A is not None, fitted.params.B is not None) == (has_a, has_b)
+        loaded = sf.load_simulator(fitted.save(tmp_path / cls.method))
+        assert type(loaded) is cls and (loaded.params.A is not None, loaded.params.B is not None) == (has_a, has_b)
+        shards = [cls(intercept="constant", l2=1.0).fit(runs.select_tests(part)) for part in ([0, 1, 2], [3, 4, 5])]
+        joined = cls.concatenate(shards)
+        assert type(joined) is cls
+        np.testing.assert_allclose(joined.simulate(runs.batches, runs.initial_loss),
+                                   fitted.simulate(runs.batches, runs.initial_loss), rtol=1e-8, atol=1e-10)
+    with pytest.raises(sf.SimulatorError, match="only shards of one model"):
+        LinearParameters.join([sf.SimfluenceAdditive(l2=1.0).fit(runs).params, sf.SimfluenceLinear(l2=1.0).fit(runs).params])
