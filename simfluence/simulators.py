@@ -188,6 +188,8 @@ def load_simulator(path: str | Path) -> Simulator:
         raise SimulatorError(f"{meta_path}: not valid JSON: {error}") from None
     if meta.get("format") != FORMAT_VERSION:
         raise SimulatorError(f"{meta_path}: unsupported format {meta.get('format')!r} (expected {FORMAT_VERSION})")
+    import simfluence.momentum  # noqa: F401 - registers the simulators defined outside this module
+
     cls = Simulator._registry.get(meta.get("method", ""))
     if cls is None:
         raise SimulatorError(f"{meta_path}: unknown method {meta.get('method')!r}")

@@ -205,18 +205,21 @@ def test_a_killed_train_run_is_dispatched_again_and_the_collection_completes(ser
     both runs end complete exactly once."""
     warehouse = tmp_path / "home" / "warehouse.duckdb"
     lock = tmp_path / "home" / "shards" / "tiny" / "run-000001.lock"
+    config = tmp_path / "long.yaml"  # the tiny preset, trained long enough to be caught mid-run
+    config.write_text("preset: tiny\ntraining: {steps: 300}\nflush_every: 50\n")
     workers = [subprocess.Popen([PREFECT, "worker", "start", "--pool", pool], env=server, cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
                for pool in ("cpu", "gpu")]
     try:
-        run = subprocess.Popen([PREFECT, "deployment", "run", "collect-runs/gpu", "-p", "preset=tiny", "-p", "runs=2",
+        run = subprocess.Popen([PREFECT, "deployment", "run", "collect-runs/gpu", "-p", f"config_path={config}",
+                                "-p", "preset=null", "-p", "runs=2",
                                 "-p", f"warehouse={warehouse}", "-p", "gradients=false", "-p", "poll_seconds=1",
                                 "--watch", "--watch-timeout", "500"], env=server, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
         victim = wait_for(lambda: lock.exists() and lock_holders(lock), 400, "run 1 to start training",
                           detail=lambda: "collect-runs/gpu " + ("still running" if run.poll() is None else
                                                                 f"ended: {run.communicate()[0][-3000:]}"),
-                          every=0.05)
+                          every=0.02)
         os.kill(victim[0], signal.SIGKILL)
         output, _ = run.communicate(timeout=550)
     finally:
@@ -227,7 +230,7 @@ def test_a_killed_train_run_is_dispatched_again_and_the_collection_completes(ser
         assert con.execute("SELECT run_id, status FROM runs ORDER BY run_id").fetchall() == [(0, "complete"),
                                                                                           (1, "complete")]
         assert con.execute("SELECT count(*), count(DISTINCT (run_id, step, test_id)) FROM losses").fetchall() == \
-            [(2 * 7 * 8,) * 2]
+            [(2 * 301 * 8,) * 2]
     states = sorted(r["state"]["type"] for r in api(server, "/flow_runs/filter", {
         "flow_runs": {"name": {"any_": ["train-run-1"]}}}) if r["parameters"].get("warehouse") == str(warehouse))
     assert states == ["COMPLETED", "CRASHED"], states

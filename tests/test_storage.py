@@ -334,3 +334,13 @@ def test_gradient_inputs_round_trip(wh, with_curvature):
     wrong = sf.GradientCheckpoints(np.array([0]), np.ones(6), np.ones((1, 3, 4)), np.ones((1, 5, 4)), batch_size=2)
     with pytest.raises(WarehouseError, match="gradients are for n=3"):
         store_gradients(wh, "exp", wrong)
+
+
+def test_every_simulator_loads_in_a_fresh_process(tmp_path):
+    """A bundle of each method loads with nothing imported before (the package loads its names
+    lazily; the loader must still know every simulator)."""
+    runs, gradients, _ = sf.synthetic.momentum_runs(n=12, m=4, runs=12, steps=6, batch_size=2, seed=0)
+    sf.SimfluenceMomentum(sf.OptimizerSpec("adam", 0.9), gradients).fit(runs).save(tmp_path / "momentum")
+    code = "import sys, simfluence; print(type(simfluence.load_simulator(sys.argv[1])).__name__)"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "momentum")], capture_output=True, text=True)
+    assert out.stdout.strip() == "SimfluenceMomentum", out.stderr
