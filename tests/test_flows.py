@@ -17,7 +17,12 @@ from simfluence_platform.storage.warehouse import Warehouse  # noqa: E402
 def prefect_server(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
+    from prefect.logging.configuration import setup_logging
+
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    # Prefect's console handler keeps the sys.stderr of the moment logging was configured; an
+    # earlier test's captured (now closed) stream would break every flow run here.
+    setup_logging(incremental=False)
     with prefect_test_harness(server_startup_timeout=120):
         yield
 
