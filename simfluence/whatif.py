@@ -16,14 +16,10 @@ import numpy as np
 import polars as pl
 
 from simfluence import curricula
-from simfluence.curricula import CurriculumError
+from simfluence.curricula import EDIT_HELP, CurriculumError
 from simfluence.runset import PAD, RunSet
 from simfluence.simulators import Simulator, SimulatorError
 
-EDIT_HELP = (
-    "remove:ID[,ID...] | repeat:IDxK | move:ID@STEP | swap:STEP,STEP | reorder:STEP,STEP,... | "
-    "replace:STEP=ID[,ID...] | insert:ID@STEP   (steps count from 1)"
-)
 _EDIT = re.compile(r"^(remove|repeat|move|swap|reorder|replace|insert):(.+)$")
 
 
