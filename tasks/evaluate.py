@@ -133,20 +133,29 @@ def plot_trajectories(session: ExperimentSession, refs: list[str], path: Path, n
     return path
 
 
-def markdown_report(experiment: str, scores: pl.DataFrame, files: list[Path]) -> str:
-    """The leaderboard as a markdown table (value [95% interval] per metric), best MSE first."""
+def leaderboard_rows(scores: pl.DataFrame) -> list[dict[str, str]]:
+    """One row per method, best all-steps MSE first: method, version, and each metric as
+    ``value [ci_low, ci_high]`` (4 and 3 significant digits)."""
     board = sf.metrics.leaderboard(scores.drop("version"))
     versions = dict(zip(scores["method"], scores["version"]))
+    rows = []
+    for method in board["method"]:
+        row = {"method": method, "version": versions[method]}
+        for name in sf.metrics.METRICS:
+            cell = scores.filter((pl.col("method") == method) & (pl.col("metric") == name)).row(0, named=True)
+            row[name] = f"{cell['value']:.4g} [{cell['ci_low']:.3g}, {cell['ci_high']:.3g}]"
+        rows.append(row)
+    return rows
+
+
+def markdown_report(experiment: str, scores: pl.DataFrame, files: list[Path]) -> str:
+    """The leaderboard as a markdown table (value [95% interval] per metric), best MSE first."""
     names = list(sf.metrics.METRICS)
     lines = [f"# Simfluence leaderboard: {experiment}", "",
              "Held-out runs only; 95% intervals over runs (bootstrap; jackknife for across-runs Spearman).", "",
              "| method | version | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for method in board["method"]:
-        cells = []
-        for name in names:
-            row = scores.filter((pl.col("method") == method) & (pl.col("metric") == name)).row(0, named=True)
-            cells.append(f"{row['value']:.4g} [{row['ci_low']:.3g}, {row['ci_high']:.3g}]")
-        lines.append(f"| {method} | `{versions[method]}` | " + " | ".join(cells) + " |")
+    for row in leaderboard_rows(scores):
+        lines.append(f"| {row['method']} | `{row['version']}` | " + " | ".join(row[n] for n in names) + " |")
     lines += ["", "Plots:"] + [f"- {f.name}: `{f}`" for f in files]
     return "\n".join(lines) + "\n"
 

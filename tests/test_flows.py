@@ -65,6 +65,14 @@ def test_collect_fit_evaluate_refit_and_the_cli(home):
     result = evaluate_simulators(experiment="tiny", n_boot=50, warehouse=warehouse)
     assert {row["method"] for row in result["leaderboard"]} == methods
     assert all(os.path.exists(f) for f in result["files"])
+    assert all(" [" in row["all_steps_mse"] for row in result["leaderboard"])  # value [interval], rounded
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:  # one artifact per plot, none hiding another
+        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=["plot-metrics-tiny", "plot-trajectories-tiny"])))}
+    assert keys == {"plot-metrics-tiny", "plot-trajectories-tiny"}
     wh = Warehouse(warehouse)
     with wh.reader() as con:
         assert con.execute("SELECT count(DISTINCT method) FROM leaderboard WHERE experiment = 'tiny'").fetchall() == [
