@@ -1,8 +1,10 @@
 """The Prefect API the command line's flows report to.
 
 With a configured API (``PREFECT_API_URL`` in the environment or the active Prefect profile,
-e.g. after ``eval "$(deployments/local.sh env)"``) the flows use it. Otherwise the command
-starts a temporary server of its own, as Prefect would, with two differences:
+e.g. after ``eval "$(deployments/local.sh env)"``) the flows use it; otherwise the project's
+local server when ``deployments/local.sh start`` has one up (so the command's runs appear in its
+UI). Otherwise the command starts a temporary server of its own, as Prefect would, with two
+differences:
 
 - it lives in a session of its own, so Ctrl-C reaches the command only: the command records
   its crashed flow run on a server that still answers and ends within seconds (a server
@@ -23,6 +25,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -89,6 +92,22 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def local_server_url() -> str | None:
+    """The API URL of the project's local server (``deployments/local.sh start``) when it is
+    up: its pid file is under ``<project>/.prefect/local/`` (the project is
+    ``$SIMFLUENCE_PROJECT_DIR`` or the current folder) and it answers on 127.0.0.1 at
+    ``$SIMFLUENCE_PREFECT_PORT`` (4200)."""
+    project = Path(os.environ.get("SIMFLUENCE_PROJECT_DIR", "."))
+    if not (project / ".prefect" / "local" / "server.pid").is_file():
+        return None
+    url = f"http://127.0.0.1:{os.environ.get('SIMFLUENCE_PREFECT_PORT', '4200')}/api"
+    try:
+        urllib.request.urlopen(f"{url}/health", timeout=2)
+    except OSError:
+        return None
+    return url
+
+
 def ensure_api() -> str:
     """The configured API's URL, or that of a temporary server started for this process
     (``PREFECT_API_URL`` set in this process; stopped at exit, after Prefect has sent its
@@ -99,6 +118,11 @@ def ensure_api() -> str:
     settings = get_current_settings()
     if settings.api.url:
         return settings.api.url
+    url = local_server_url()
+    if url is not None:  # the checkout's local server is up: the command's runs appear in its UI
+        os.environ["PREFECT_API_URL"] = url
+        refresh_global_settings_context()
+        return url
     process, url = start_temporary_server(settings.server.ephemeral.startup_timeout_seconds)
     atexit.register(stop_server, process)  # registered before Prefect's exit handlers: runs after them
     os.environ["PREFECT_API_URL"] = url

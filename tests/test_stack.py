@@ -134,3 +134,34 @@ def test_local_stack_stop_leaves_no_process(tmp_path):
     finally:
         for pid_file in state.glob("*.pid"):  # never leave a stack behind, whatever failed above
             kill_tree(int(pid_file.read_text()))
+
+
+def test_cli_commands_use_the_projects_local_server_when_it_is_up(tmp_path, monkeypatch):
+    """A server answering /api/health on the project's port, with local.sh's pid file: the CLI's
+    flows report to it; without the pid file (another project's server) they do not."""
+    import http.server
+    import threading
+
+    from simfluence_platform.prefect_api import local_server_url
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("SIMFLUENCE_PROJECT_DIR", str(tmp_path))
+        monkeypatch.setenv("SIMFLUENCE_PREFECT_PORT", str(server.server_address[1]))
+        assert local_server_url() is None  # no local.sh state in this project
+        (tmp_path / ".prefect" / "local").mkdir(parents=True)
+        (tmp_path / ".prefect" / "local" / "server.pid").write_text("1")
+        assert local_server_url() == f"http://127.0.0.1:{server.server_address[1]}/api"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert local_server_url() is None  # down: a temporary server instead
