@@ -302,13 +302,14 @@ class Warehouse:
 
         Its configuration is not locked: DuckDB shares settings between the connections a process
         has to one file, and these connections only run fixed, parameterised queries. SQL from a
-        user goes through :meth:`query` instead.
+        user goes through :meth:`query` instead. It has no ``live_losses`` view: listing and
+        checking the shard files on every internal read would tax every command; :meth:`query`
+        has it.
         """
         self._require_file()
         con = self._retry(lambda: duckdb.connect(str(self.path), read_only=True), timeout)
         try:
             self._check_schema(con)
-            self._create_live_losses(con)
             yield con
         finally:
             con.close()

@@ -129,7 +129,7 @@ def test_a_corrupt_shard_is_quarantined_and_never_breaks_reads(wh):
     pending = sorted((wh.shard_root / "exp" / "run-000001").glob("losses-*.parquet"))[0]
     for path in (loaded, pending):
         path.write_bytes(path.read_bytes()[:40])  # truncated
-    assert query(wh, "SELECT count(*) FROM live_losses") == [((STEPS + 1) * N_TESTS - 2 * N_TESTS,)]
+    assert wh.query("SELECT count(*) FROM live_losses").rows() == [((STEPS + 1) * N_TESTS - 2 * N_TESTS,)]
     assert load_runset(wh, "exp").n_runs == 1
     report = ingest(wh)
     [(path, reason)] = report.rejected
@@ -139,7 +139,7 @@ def test_a_corrupt_shard_is_quarantined_and_never_breaks_reads(wh):
     assert read_marker(pending.parent)["status"] == "failed"  # and so the run is trained again
     write_run(wh, 1)
     assert ingest(wh).completed_runs == [("exp", 1)]
-    assert query(wh, "SELECT count(*) FROM live_losses") == [(0,)]
+    assert wh.query("SELECT count(*) FROM live_losses").rows() == [(0,)]
 
 
 def test_a_run_of_another_config_is_refused(wh):
@@ -217,7 +217,7 @@ def test_a_home_folder_with_glob_characters_reads_normally(tmp_path):
     wh = Warehouse(tmp_path / "runs [2026]" / "warehouse.duckdb")
     register_experiment(wh, "exp", {"seed": 1}, examples(N_TRAIN), examples(N_TESTS))
     write_run(wh, 0)
-    assert query(wh, "SELECT count(*) FROM live_losses") == [((STEPS + 1) * N_TESTS,)]
+    assert wh.query("SELECT count(*) FROM live_losses").rows() == [((STEPS + 1) * N_TESTS,)]
     ingest(wh)
     assert load_runset(wh, "exp").n_runs == 1 and wh.query("SELECT count(*) AS n FROM loss_curves")["n"][0] == 35
 
