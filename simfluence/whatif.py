@@ -156,20 +156,53 @@ def strongest(ranking: pl.DataFrame, k: int) -> list[int]:
     return ranking.sort(pl.col("effect").abs(), descending=True)["example_id"].head(k).to_list()
 
 
+def interval(draws: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval over the first axis of ``draws: float[B, ...]`` (one answer per
+    bootstrap refit): ``(low, high)``, each ``float[...]``; NaN where the draws are NaN."""
+    if not 0 < level < 1:
+        raise SimulatorError(f"level must lie in (0, 1), got {level!r}")
+    alpha = (1 - level) / 2
+    with np.errstate(invalid="ignore"):
+        return np.quantile(draws, alpha, axis=0), np.quantile(draws, 1 - alpha, axis=0)
+
+
+def changes_with_interval(simulator: Simulator, base: np.ndarray, edited: np.ndarray, initial_loss: np.ndarray,
+                          refits: list[Simulator], level: float = 0.95) -> tuple[WhatIf, np.ndarray, np.ndarray]:
+    """:func:`counterfactual` and the percentile interval of its ``effect`` (``float[m]`` each)
+    over ``refits`` (NaN without refits)."""
+    result = counterfactual(simulator, base, edited, initial_loss)
+    if not refits:
+        nan = np.full_like(result.effect, np.nan)
+        return result, nan, nan
+    draws = np.stack([counterfactual(r, base, edited, initial_loss).effect for r in refits])
+    low, high = interval(draws, level)
+    return result, low, high
+
+
 def influence(simulator: Simulator, curriculum: np.ndarray, initial_loss: np.ndarray,
-              tests: list[int] | None = None) -> pl.DataFrame:
+              tests: list[int] | None = None, refits: list[Simulator] | None = None,
+              level: float = 0.95) -> pl.DataFrame:
     """Leave-one-out effect of every training example in the curriculum on the final loss of
     ``tests`` (their mean; default all), most loss-lowering first.
 
     Columns: ``example_id``, ``occurrences``, ``effect`` (final loss with the example minus
-    without it: negative means it helped), ``final_without``.
+    without it, nats: negative means it helped), ``ci_low``, ``ci_high`` (percentile interval
+    over ``refits``, see :func:`bootstrap_refits`; NaN without them), ``final_without``.
     """
     positions = test_positions(simulator, initial_loss, tests)
     ids, counts = np.unique(curriculum[curriculum != PAD], return_counts=True)
-    base = _final(simulator, [curriculum], initial_loss, positions)[0]
-    without = _final(simulator, [curricula.remove(curriculum, [i]) for i in ids], initial_loss, positions)
-    return pl.DataFrame({"example_id": ids, "occurrences": counts, "effect": base - without,
-                         "final_without": without}).sort("effect")
+    many = [curriculum] + [curricula.remove(curriculum, [i]) for i in ids]
+
+    def loo(model: Simulator) -> tuple[np.ndarray, np.ndarray]:
+        finals = _final(model, many, initial_loss, positions)
+        return finals[0] - finals[1:], finals[1:]
+
+    effect, without = loo(simulator)
+    low = high = np.full_like(effect, np.nan)
+    if refits:
+        low, high = interval(np.stack([loo(r)[0] for r in refits]), level)
+    return pl.DataFrame({"example_id": ids, "occurrences": counts, "effect": effect, "ci_low": low,
+                         "ci_high": high, "final_without": without}).sort("effect")
 
 
 def interactions(simulator: Simulator, curriculum: np.ndarray, initial_loss: np.ndarray, candidates: list[int],
@@ -230,23 +263,38 @@ class Effects:
     ``effect``: ``float[n, m]`` (final loss with the example minus without it, nats: negative
     means it helped), NaN for examples in no base curriculum; ``ci_low``, ``ci_high``:
     ``float[n, m]`` percentile intervals over bootstrap refits (NaN without refits);
-    ``n_curricula``: ``int[n]`` how many base curricula held each example."""
+    ``mean_effect``, ``mean_ci_low``, ``mean_ci_high``: ``float[n]``, the same for the mean
+    final loss over the test examples (its interval from the refits' means, not a mean of
+    intervals); ``n_curricula``: ``int[n]`` how many base curricula held each example;
+    ``n_refits``: the number of bootstrap refits behind the intervals."""
 
     effect: np.ndarray
     ci_low: np.ndarray
     ci_high: np.ndarray
+    mean_effect: np.ndarray
+    mean_ci_low: np.ndarray
+    mean_ci_high: np.ndarray
     n_curricula: np.ndarray
+    n_refits: int
     level: float
 
     def table(self, test_ids: np.ndarray) -> pl.DataFrame:
-        """Long form: ``train_id, test_id, effect, ci_low, ci_high, n_curricula`` (seen examples)."""
-        n, m = self.effect.shape
+        """Long form of the examples seen in some base curriculum: ``train_id, test_id, effect,
+        ci_low, ci_high, n_curricula``; one row per (example, test example), then one row per
+        example with ``test_id`` null for the mean over the test examples."""
+        m = self.effect.shape[1]
         seen = np.flatnonzero(self.n_curricula > 0)
-        return pl.DataFrame({
-            "train_id": np.repeat(seen, m), "test_id": np.tile(np.asarray(test_ids), len(seen)),
+        per_test = pl.DataFrame({
+            "train_id": np.repeat(seen, m), "test_id": np.tile(np.asarray(test_ids, dtype=np.int64), len(seen)),
             "effect": self.effect[seen].reshape(-1), "ci_low": self.ci_low[seen].reshape(-1),
             "ci_high": self.ci_high[seen].reshape(-1), "n_curricula": np.repeat(self.n_curricula[seen], m),
         })
+        mean = pl.DataFrame({
+            "train_id": seen, "test_id": pl.Series([None] * len(seen), dtype=pl.Int64),
+            "effect": self.mean_effect[seen], "ci_low": self.mean_ci_low[seen], "ci_high": self.mean_ci_high[seen],
+            "n_curricula": self.n_curricula[seen],
+        })
+        return pl.concat([per_test, mean]).with_columns(pl.col("ci_low", "ci_high").fill_nan(None))
 
 
 def _loo_effects(simulator: Simulator, base: np.ndarray, initial_loss: np.ndarray, chunk: int = 256) -> np.ndarray:
@@ -280,12 +328,15 @@ def effects(simulator: Simulator, base: np.ndarray, initial_loss: np.ndarray,
     counts = np.zeros(simulator.n_train, dtype=np.int64)
     for curriculum in base:
         counts[np.unique(curriculum[curriculum != PAD])] += 1
+    unseen = counts == 0
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = _loo_effects(simulator, base, initial_loss) / counts[:, None]
-        low = high = np.full_like(mean, np.nan)
+        mean[unseen] = np.nan
+        nan = np.full_like(mean, np.nan)
+        low, high, mean_low, mean_high = nan, nan, nan[:, 0], nan[:, 0]
         if refits:
             draws = np.stack([_loo_effects(r, base, initial_loss) / counts[:, None] for r in refits])
-            alpha = (1 - level) / 2
-            low, high = np.quantile(draws, alpha, axis=0), np.quantile(draws, 1 - alpha, axis=0)
-    mean[counts == 0] = np.nan
-    return Effects(mean, low, high, counts, level)
+            draws[:, unseen] = np.nan
+            low, high = interval(draws, level)
+            mean_low, mean_high = interval(draws.mean(axis=2), level)
+        return Effects(mean, low, high, mean.mean(axis=1), mean_low, mean_high, counts, len(refits or []), level)

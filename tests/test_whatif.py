@@ -142,4 +142,44 @@ def test_bootstrap_refits_give_intervals_around_the_effects():
     assert np.any(table.ci_high[seen] - table.ci_low[seen] > 0)
     frame = table.table(simulator.test_ids)
     assert frame.columns == ["train_id", "test_id", "effect", "ci_low", "ci_high", "n_curricula"]
-    assert frame.height == seen.sum() * 4
+    assert frame.height == seen.sum() * (4 + 1)  # per test example, and the mean over them
+    mean_rows = frame.filter(frame["test_id"].is_null())
+    np.testing.assert_allclose(mean_rows["effect"].to_numpy(), table.effect[seen].mean(axis=1))
+    assert table.n_refits == 12 and np.all(table.mean_ci_low[seen] <= table.mean_ci_high[seen])
+
+
+def _coverage(seed: int, shift: float = 0.0) -> float:
+    """Share of true leave-one-out effects (from the generating process) inside the bootstrap
+    intervals of a simulator fitted on that process's runs; ``shift`` moves the truth."""
+    runs, truth = sf.synthetic.linear_runs(12, 4, 40, 30, 3, noise=0.01, seed=seed)
+    fitted = sf.SimfluenceLinear(intercept="none", l2=1e-6).fit(runs)
+    refits = whatif.bootstrap_refits(fitted, runs, n=40, seed=seed)
+    base = sf.curricula.uniform(12, 3, 30, 3, seed=99)
+    starts = runs.losses[:3, 0]
+    estimate = whatif.effects(fitted, base, starts, refits)
+    true = whatif.effects(sf.SimfluenceLinear.from_parameters(truth.A, truth.B), base, starts).effect + shift
+    seen = estimate.n_curricula > 0
+    return float(np.mean((estimate.ci_low[seen] <= true[seen]) & (true[seen] <= estimate.ci_high[seen])))
+
+
+def test_bootstrap_intervals_cover_the_true_effects_at_about_the_nominal_rate():
+    coverage = np.mean([_coverage(seed) for seed in range(3)])
+    assert 0.8 <= coverage <= 1.0, coverage  # 95% intervals; percentile bootstraps run a little short
+    assert _coverage(0, shift=0.01) < 0.5  # a truth one interval-width away is not covered
+
+
+def test_influence_and_changes_carry_intervals_from_refits():
+    runs, gradients, _ = sf.synthetic.momentum_runs(16, 4, 30, 16, 4, noise=0.01, seed=2)
+    simulator = sf.SimfluenceMomentum(sf.OptimizerSpec("adam", 0.9), gradients, l2_grid=(1e-3,)).fit(runs)
+    refits = whatif.bootstrap_refits(simulator, runs, n=8, seed=0)
+    curriculum, initial = runs.batches[0], runs.initial_loss[0]
+    ranking = whatif.influence(simulator, curriculum, initial, refits=refits)
+    assert ranking.columns == ["example_id", "occurrences", "effect", "ci_low", "ci_high", "final_without"]
+    assert (ranking["ci_low"] <= ranking["ci_high"]).all()
+    plain = whatif.influence(simulator, curriculum, initial)
+    np.testing.assert_allclose(plain["effect"].to_numpy(), ranking["effect"].to_numpy())
+    assert plain["ci_low"].is_nan().all()
+    edited = whatif.apply_edit(curriculum, f"remove:{ranking['example_id'][0]}")
+    result, low, high = whatif.changes_with_interval(simulator, curriculum, edited, initial, refits)
+    assert np.all(low <= high) and np.any(high > low)
+    np.testing.assert_allclose(result.effect, whatif.counterfactual(simulator, curriculum, edited, initial).effect)
