@@ -17,6 +17,24 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+# Line styles cycled over simulated curves, so curves that lie close stay distinguishable.
+STYLES = ("-", "--", ":", "-.")
+
+
+def merge_identical(curves: dict[str, np.ndarray], rtol: float = 1e-9, atol: float = 1e-12) -> dict[str, np.ndarray]:
+    """Curves that are equal to ``rtol``/``atol`` drawn once, under their names joined by " = "
+    (two methods whose predictions coincide would otherwise draw one line over the other)."""
+    merged: dict[str, np.ndarray] = {}
+    for name, values in curves.items():
+        same = next((key for key, kept in merged.items()
+                     if kept.shape == np.shape(values) and np.allclose(kept, values, rtol=rtol, atol=atol)), None)
+        if same is None:
+            merged[name] = np.asarray(values)
+        else:
+            merged[f"{same} = {name}"] = merged.pop(same)
+    return merged
+
+
 def trajectory(path: str | Path, curriculum: np.ndarray, simulated: dict[str, np.ndarray],
                true: np.ndarray | None = None, mark_example: int | None = None, title: str = "") -> Path:
     """One test example's loss over steps: ``simulated`` curves (name -> ``float[T+1]``), the true
@@ -30,8 +48,8 @@ def trajectory(path: str | Path, curriculum: np.ndarray, simulated: dict[str, np
                        label=f"batch has example {mark_example}" if k == 0 else None)
     if true is not None:
         ax.plot(np.arange(len(true)), true, color="black", lw=2, label="true")
-    for name, values in simulated.items():
-        ax.plot(np.arange(len(values)), values, lw=1.5, label=name)
+    for k, (name, values) in enumerate(merge_identical(simulated).items()):
+        ax.plot(np.arange(len(values)), values, lw=1.5, ls=STYLES[k % len(STYLES)], label=name)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats)")
     ax.set_title(title, fontsize=10)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from simfluence.errors import SimfluenceError
 from simfluence_platform.errors import UserError
-from simfluence_platform.tasks.steps import FIT, EVALUATE
+from simfluence_platform.tasks.steps import ANSWER, EVALUATE, FIT
 
 if TYPE_CHECKING:
     import polars as pl
@@ -347,25 +347,69 @@ def _tests(args: argparse.Namespace) -> list[int] | None:
         raise TestIdsError(f"--tests takes comma-separated test example ids, got {args.tests!r}") from None
 
 
+def _interval(low: float, high: float) -> str:
+    """`` [low, high]`` for a finite interval, else nothing."""
+    return f" [{low:+.4f}, {high:+.4f}]" if math.isfinite(low) and math.isfinite(high) else ""
+
+
+def _snippet(text: str | None, width: int = 60) -> str:
+    """One line of an example's text, cut to ``width`` characters."""
+    line = " ".join((text or "").split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _examples(args: argparse.Namespace, split: str) -> dict[int, tuple[str, str]]:
+    """``example_id -> (text, label)`` of one split of the experiment."""
+    from simfluence_platform.storage.effects import example_labels
+
+    frame = example_labels(_warehouse(args), args.experiment, split)
+    return {int(i): (t or "", str(lab) if lab is not None else "") for i, t, lab in frame.iter_rows()}
+
+
 def cmd_whatif(args: argparse.Namespace) -> dict:
     """Simulate an observed run edited, beside the run itself and its plain simulation."""
     import numpy as np
 
     from simfluence import plots, whatif
-    from simfluence_platform.tasks.whatif import ask, trajectory_table, write_table
+    from simfluence_platform.tasks.whatif import ask, heldout_error, refits, trajectory_table, write_table
 
-    question = ask(_warehouse(args), args.experiment, args.ref, args.run, getattr(args, "curriculum", None))
+    warehouse = _warehouse(args)
+    question = ask(warehouse, args.experiment, args.ref, args.run, getattr(args, "curriculum", None))
     edited = (whatif.apply_edits(question.curriculum, args.edit or [], n_train=question.simulator.n_train)
               if args.command == "whatif" else question.curriculum)
-    result = whatif.counterfactual(question.simulator, question.curriculum, edited, question.initial_loss)
     tests = whatif.test_positions(question.simulator, question.initial_loss, _tests(args))
+    refitted = refits(warehouse, args.experiment, question, args.bootstrap) if args.command == "whatif" else []
+    result, low, high = whatif.changes_with_interval(question.simulator, question.curriculum, edited,
+                                                     question.initial_loss, refitted, ANSWER.level)
+    error = heldout_error(warehouse, args.experiment, question)
     columns = {"simulated_base": result.base, "simulated_whatif": result.edited}
     if question.observed is not None:
         columns = {"observed": question.observed, **columns}
     table = trajectory_table(columns, question.simulator.test_ids, tests)
-    effect = {int(question.simulator.test_ids[t]): float(result.effect[t]) for t in tests}
+    ids = question.simulator.test_ids
     out = {"version": question.version, "method": question.name, "run_id": question.run_id,
-           "edits": args.edit or [], "final_loss_change": effect}
+           "fitted_steps": question.fitted_steps, "steps": int(edited.shape[0]),
+           "heldout_final_error": {"mean": error.mean, **{int(ids[t]): float(error.per_test[t]) for t in tests}}}
+    warning = None
+    if edited.shape[0] > question.fitted_steps:
+        warning = (f"the curriculum has {edited.shape[0]} steps, past the {question.fitted_steps} the simulator was "
+                   f"fitted on: the steps beyond reuse the last fitted step's intercepts, an extrapolation")
+        out["warning"] = warning
+    if args.command == "simulate":
+        out["simulated_final_loss"] = {int(ids[t]): float(result.base[-1, t]) for t in tests}
+        out["simulated_losses"] = {int(ids[t]): result.base[:, t].tolist() for t in tests}
+    else:
+        mean_change = result.edited[-1, tests].mean() - result.base[-1, tests].mean()
+        mean_draws = (np.stack([whatif.counterfactual(r, question.curriculum, edited, question.initial_loss).effect[tests]
+                                .mean() for r in refitted]) if refitted else np.full(1, np.nan))
+        mean_low, mean_high = whatif.interval(mean_draws[:, None], ANSWER.level) if refitted else (np.nan, np.nan)
+        out.update({"edits": args.edit or [], "n_refits": len(refitted),
+                    "final_loss_change": {int(ids[t]): float(result.effect[t]) for t in tests},
+                    "ci_low": {int(ids[t]): float(low[t]) for t in tests},
+                    "ci_high": {int(ids[t]): float(high[t]) for t in tests},
+                    "mean_change": {"effect": float(mean_change), "ci_low": float(np.ravel(mean_low)[0]),
+                                    "ci_high": float(np.ravel(mean_high)[0]),
+                                    "below_error": bool(abs(mean_change) < error.mean)}})
     if args.out:
         out["table"] = str(write_table(table, args.out))
     if args.plot:
@@ -373,21 +417,35 @@ def cmd_whatif(args: argparse.Namespace) -> dict:
         curves = {"simulated": result.base[:, t], "what-if": result.edited[:, t]}
         out["plot"] = str(plots.trajectory(args.plot, question.curriculum, curves,
                                            true=None if question.observed is None else question.observed[:, t],
-                                           mark_example=args.mark, title=f"test {question.simulator.test_ids[t]}"))
+                                           mark_example=args.mark, title=f"test {ids[t]}"))
     if not args.json:
         if args.command == "simulate":
             final = result.base[-1, tests]
-            print(f"{question.name} {question.version}: curriculum {args.curriculum} ({question.curriculum.shape[0]} "
+            print(f"{question.name} {question.version}: curriculum {args.curriculum} ({edited.shape[0]} "
                   f"steps) from run {question.run_id}'s initial losses")
             print(f"simulated final loss: mean {final.mean():.4f} nats over {len(tests)} test examples "
-                  f"(min {final.min():.4f}, max {final.max():.4f}); the trajectories: --out FILE")
+                  f"(min {final.min():.4f}, max {final.max():.4f}); held-out error of the mean final loss "
+                  f"{error.mean:.4f} nats; the trajectories: --out FILE")
         else:
+            change = out["mean_change"]
             print(f"{question.name} {question.version}, run {question.run_id}, edits: {', '.join(args.edit)}")
-            print(f"mean change of the final loss: {np.mean(list(effect.values())):+.4f} nats over {len(effect)} "
-                  f"test examples (negative: the edit lowers the loss)")
-            ranked = sorted(effect.items(), key=lambda kv: kv[1])
-            for label, part in (("largest decreases", ranked[:5]), ("largest increases", ranked[::-1][:5])):
-                print(f"  {label}: " + ", ".join(f"test {test_id} {change:+.4f}" for test_id, change in part))
+            print(f"mean change of the final loss: {change['effect']:+.4f} nats"
+                  f"{_interval(change['ci_low'], change['ci_high'])} over {len(tests)} test examples "
+                  f"(negative: the edit lowers the loss; {ANSWER.level:.0%} interval over {len(refitted)} refits)")
+            if change["below_error"]:
+                print(f"  within the simulator's own error: its mean final loss was off by {error.mean:.4f} nats "
+                      f"(root mean square) on its held-out runs, more than this change")
+            labels = _examples(args, "test")
+            ranked = sorted(((int(ids[t]), float(result.effect[t]), float(low[t]), float(high[t])) for t in tests),
+                            key=lambda row: row[1])
+            for title, part in (("largest decreases", [r for r in ranked if r[1] < 0][:5]),
+                                ("largest increases", [r for r in ranked[::-1] if r[1] > 0][:5])):
+                print(f"  {title}:" + ("" if part else " none"))
+                for test_id, change_t, lo, hi in part:
+                    label = labels.get(test_id, ("", ""))[1]
+                    print(f"    test {test_id} ({label}): {change_t:+.4f}{_interval(lo, hi)}")
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         for key in ("table", "plot"):
             if key in out:
                 print(f"{key}: {out[key]}")
@@ -396,16 +454,30 @@ def cmd_whatif(args: argparse.Namespace) -> dict:
 
 def cmd_influence(args: argparse.Namespace) -> dict:
     """Rank training examples by leave-one-out effect; pair interactions; order effects."""
+    import numpy as np
     import polars as pl
     from tqdm import tqdm
 
     from simfluence import plots, whatif
-    from simfluence_platform.tasks.whatif import ask, write_table
+    from simfluence_platform.tasks.whatif import ask, heldout_error, refits, write_table
 
-    question = ask(_warehouse(args), args.experiment, args.ref, args.run, args.curriculum)
+    warehouse = _warehouse(args)
+    question = ask(warehouse, args.experiment, args.ref, args.run, args.curriculum)
     tests = _tests(args)
-    stages = tqdm(total=3, desc="influence", disable=args.json, file=sys.stderr)
-    ranking = whatif.influence(question.simulator, question.curriculum, question.initial_loss, tests)
+    stages = tqdm(total=4, desc="influence", disable=args.json, file=sys.stderr)
+    refitted = refits(warehouse, args.experiment, question, args.bootstrap)
+    stages.update()
+    ranking = whatif.influence(question.simulator, question.curriculum, question.initial_loss, tests, refitted,
+                               ANSWER.level)
+    error = heldout_error(warehouse, args.experiment, question)
+    scale = error.mean if tests is None else float(np.mean([error.per_test[p] for p in whatif.test_positions(
+        question.simulator, question.initial_loss, tests)]))
+    examples = _examples(args, "train")
+    ranking = ranking.with_columns(
+        (pl.col("effect").abs() < scale).alias("below_error"),
+        pl.col("example_id").map_elements(lambda i: examples.get(i, ("", ""))[1], return_dtype=pl.Utf8).alias("label"),
+        pl.col("example_id").map_elements(lambda i: _snippet(examples.get(i, ("", ""))[0]),
+                                          return_dtype=pl.Utf8).alias("text"))
     stages.update()
     candidates = whatif.strongest(ranking, args.pairs)
     pairs = whatif.interactions(question.simulator, question.curriculum, question.initial_loss, candidates, tests)
@@ -413,19 +485,28 @@ def cmd_influence(args: argparse.Namespace) -> dict:
     order = whatif.order_effects(question.simulator, question.curriculum, question.initial_loss, candidates, tests)
     stages.update()
     stages.close()
+    helpful = ranking.filter(pl.col("effect") < 0).head(args.top)
+    harmful = ranking.filter(pl.col("effect") > 0).sort("effect", descending=True).head(args.top)
     out = {"version": question.version, "method": question.name, "run_id": question.run_id, "tests": tests,
-           "influence": ranking.head(args.top).to_dicts(), "interactions": pairs.head(args.top).to_dicts(),
-           "order_effects": order.to_dicts()}
+           "n_refits": len(refitted), "heldout_final_error": scale,
+           "helpful": helpful.to_dicts(), "harmful": harmful.to_dicts(),
+           "interactions": pairs.head(args.top).to_dicts(), "order_effects": order.to_dicts()}
     if args.out:
         out["table"] = str(write_table(ranking, args.out))
     if args.plot:
         out["plot"] = str(plots.influence_bars(args.plot, ranking, top=args.top,
                                                title=f"{question.name}: run {question.run_id}"))
     if not args.json:
-        with pl.Config(tbl_rows=args.top, tbl_width_chars=160):
+        shown = ["example_id", "label", "effect", "ci_low", "ci_high", "below_error", "occurrences", "text"]
+        with pl.Config(tbl_rows=args.top, tbl_width_chars=200, fmt_str_lengths=60, float_precision=4):
             print(f"{question.name} {question.version}; base: run {question.run_id}; tests: {tests or 'all'}")
-            print("leave-one-out effect on the final loss (negative: the example lowered it):")
-            print(ranking.head(args.top))
+            print(f"leave-one-out effect on the final loss, nats ({ANSWER.level:.0%} interval over {len(refitted)} "
+                  f"refits; below_error: smaller than the {scale:.4f} nats the simulator's final loss was off by on "
+                  f"its held-out runs)")
+            print("most helpful (removing them raises the loss):")
+            print(helpful.select(shown))
+            print("most harmful (removing them lowers the loss):")
+            print(harmful.select(shown))
             print("pair interactions among the strongest examples (joint minus the sum of singles):")
             print(pairs.head(args.top))
             print("order effects (last step minus first step):")
@@ -436,15 +517,68 @@ def cmd_influence(args: argparse.Namespace) -> dict:
     return out
 
 
+def cmd_effects(args: argparse.Namespace) -> dict:
+    """The effects table: expected leave-one-out effects with intervals, stored in the warehouse."""
+    import polars as pl
+
+    from simfluence_platform.tasks.effects import compute_effects
+    from simfluence_platform.tasks.whatif import write_table
+
+    if args.out:
+        _check_table_path(args.out)
+    answer = compute_effects(_warehouse(args), args.experiment, args.ref, args.curricula, args.bootstrap, args.seed,
+                             ANSWER.level)
+    tests = _tests(args)
+    counts = answer.resolved()
+    out = {"version": answer.version, "method": answer.name, "base": answer.base, "n_curricula": answer.n_curricula,
+           "n_refits": answer.n_refits, "heldout_final_error_of_mean": answer.error.mean, "rows": answer.table.height,
+           **counts}
+    rankings = {None: answer.ranking(None)} | {t: answer.ranking(t) for t in tests or []}
+    out["rankings"] = {("mean" if t is None else int(t)): {"helpful": r.head(args.top).to_dicts(),
+                                                          "harmful": r.reverse().head(args.top).to_dicts()}
+                       for t, r in rankings.items()}
+    if args.out:
+        out["table"] = str(write_table(answer.table, args.out))
+    if not args.json:
+        print(f"{answer.name} {answer.version}: expected leave-one-out effect of each training example on each test "
+              f"example's final loss (nats; negative: the example lowered it), averaged over {answer.n_curricula} "
+              f"base curricula ({answer.base}), {ANSWER.level:.0%} intervals over {answer.n_refits} bootstrap refits")
+        print(f"stored: {answer.table.height} rows in the warehouse table effects (views effects_named, "
+              f"most_helpful_examples, most_harmful_examples)")
+        print(f"{counts['interval_excludes_zero']} of {counts['effects']} per-test effects have an interval that "
+              f"excludes zero; {counts['excludes_zero_and_above_error']} of those are also larger than the "
+              f"simulator's held-out final-loss error of that test example")
+        shown = ["train_id", "train_label", "effect", "ci_low", "ci_high", "below_error", "train_text"]
+        with pl.Config(tbl_rows=args.top, tbl_width_chars=200, fmt_str_lengths=60, float_precision=4):
+            for test_id, ranking in rankings.items():
+                what = "the mean final loss over test examples" if test_id is None else f"test {test_id}"
+                print(f"most helpful for {what}:")
+                print(ranking.head(args.top).select(shown))
+                print(f"most harmful for {what}:")
+                print(ranking.reverse().head(args.top).select(shown))
+        if args.out:
+            print(f"table: {out['table']}")
+    return out
+
+
+def _check_table_path(path: str) -> None:
+    """Refuse an export path with a suffix other than .csv or .parquet before any work."""
+    from simfluence_platform.tasks.whatif import TableFormatError
+
+    if not path.lower().endswith((".csv", ".parquet")):
+        raise TableFormatError(f"{path}: write tables as .csv or .parquet")
+
+
 def cmd_report(args: argparse.Namespace) -> dict:
     """A self-contained HTML report of an experiment."""
     from tqdm import tqdm
 
     from simfluence_platform.tasks.report import build_report
 
-    stages = ["coverage", "leaderboard", "trajectories", "influence"]
+    stages = ["effects", "coverage", "leaderboard", "trajectories", "influence"]
     bar = tqdm(total=len(stages), desc="report", disable=args.json, file=sys.stderr)
-    path = build_report(_warehouse(args), args.experiment, args.ref, args.out, step=lambda stage: bar.update())
+    path = build_report(_warehouse(args), args.experiment, args.ref, args.out, n_refits=args.bootstrap,
+                        step=lambda stage: bar.update())
     bar.close()
     if not args.json:
         print(f"report: {path}")
@@ -458,15 +592,29 @@ def _add_whatif(sub: argparse._SubParsersAction) -> None:
             ("whatif", cmd_whatif, "simulate edits of an observed run beside the run itself"),
             ("simulate", cmd_whatif, "simulate a curriculum from a file (.json, .npy, .csv)"),
             ("influence", cmd_influence, "rank training examples by simulated leave-one-out effect"),
+            ("effects", cmd_effects, "the train x test table of expected leave-one-out effects, with intervals"),
             ("report", cmd_report, "write a self-contained HTML report of an experiment")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--experiment", required=True)
         p.add_argument("--ref", default="best", help="a version or alias (default best: the evaluated simulator with "
                        "the lowest held-out MSE; also latest, latest-<method>)")
         p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
-        p.set_defaults(handler=handler)
+        p.set_defaults(handler=handler, bootstrap=0)
+        if name in ("whatif", "influence", "effects", "report"):
+            p.add_argument("--bootstrap", type=nonnegative_int, default=ANSWER.n_refits,
+                           help=f"refits on bootstrap resamples of the fitting runs behind the intervals "
+                                f"(default {ANSWER.n_refits}; 0: no intervals)")
         if name == "report":
             p.add_argument("--out", default=None, help="HTML file (default <home>/reports/<experiment>/report.html)")
+            continue
+        if name == "effects":
+            p.add_argument("--curricula", default=ANSWER.curricula,
+                           help="base curricula: heldout (the simulator's held-out runs) or a number to draw with the "
+                                "experiment's sampler")
+            p.add_argument("--tests", default=None, help="also print the rankings of these test ids (comma-separated)")
+            p.add_argument("--top", type=positive_int, default=5)
+            p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the bootstrap resamples")
+            p.add_argument("--out", default=None, help="also export the table as .csv or .parquet")
             continue
         p.add_argument("--run", type=nonnegative_int, default=None, help="observed run (default: the first held-out run)")
         p.add_argument("--tests", default=None, help="comma-separated test ids (default: all)")
@@ -484,8 +632,80 @@ def _add_whatif(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--pairs", type=positive_int, default=6, help="strongest examples to test for interactions")
 
 
+def cmd_registry(args: argparse.Namespace) -> dict | list:
+    """The simulator registry: list versions, show one, compare several, set or move an alias."""
+    from simfluence_platform.storage import registry
+
+    warehouse = _warehouse(args)
+    if args.action == "list":
+        rows = registry.list_versions(warehouse, args.experiment)
+        scores = _leaderboard_rows(warehouse, args.experiment)
+        for row in rows:
+            row.update(scores.get(row["version"], {}))
+        if not args.json:
+            print(f"{'version':<18}{'method':<30}{'created':<21}{'MSE (held out)':>16}{'Spearman':>10}  aliases")
+            for row in rows:
+                mse, rho = row.get("all_steps_mse"), row.get("spearman_across_runs")
+                print(f"{row['version']:<18}{row['method']:<30}{row['created_at'][:19]:<21}"
+                      f"{'' if mse is None else f'{mse:.4g}':>16}{'' if rho is None else f'{rho:.3f}':>10}  "
+                      f"{', '.join(row['aliases'])}")
+        return rows
+    if args.action == "alias":
+        if len(args.refs) != 2:
+            raise RegistryUsageError("registry alias takes ALIAS VERSION (set or move ALIAS to VERSION)")
+        alias, ref = args.refs
+        version = registry.resolve_version(warehouse, args.experiment, ref)
+        before = registry.alias_version(warehouse, args.experiment, alias)
+        registry.set_alias(warehouse, args.experiment, alias, version)
+        if not args.json:
+            print(f"{alias}: {before or '(new)'} -> {version}")
+        return {"alias": alias, "version": version, "previous": before}
+    if not args.refs:
+        raise RegistryUsageError(f"registry {args.action} takes at least one version or alias")
+    if args.action == "show" and len(args.refs) != 1:
+        raise RegistryUsageError("registry show takes one version or alias (compare takes several)")
+    rows = registry.compare(warehouse, args.experiment, args.refs)
+    for row in rows:
+        info = registry.resolve(warehouse, args.experiment, row["version"])
+        row.update({"data_hash": info.manifest["data_hash"], "code_version": info.manifest.get("code_version"),
+                    "heldout": _leaderboard_rows(warehouse, args.experiment).get(row["version"], {})})
+    if not args.json:
+        for row in rows:
+            print(f"{row['ref']} = {row['version']}: {row['name']} ({row['method']}), {row['n_fit_runs']} fitting and "
+                  f"{row['n_heldout_runs']} held-out runs, data hash {row['data_hash']}")
+            print(f"  hyperparameters: {_short_json(row['hyperparameters'])}")
+            print(f"  held-out scores: {_short_json(row['heldout']) or 'not evaluated'}")
+    return rows[0] if args.action == "show" else rows
+
+
+def _short_json(value: object, width: int = 400) -> str:
+    text = json.dumps(_jsonable(value)) if value else ""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _leaderboard_rows(warehouse, experiment: str) -> dict[str, dict]:
+    """version -> its held-out scores from the leaderboard view."""
+    from simfluence_platform.storage.registry import leaderboard_by_version
+
+    return leaderboard_by_version(warehouse, experiment)
+
+
+class RegistryUsageError(UserError, ValueError):
+    """registry show/compare/alias with the wrong number of versions."""
+
+
+def _add_registry(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("registry", help="simulator versions: list, show, compare, alias")
+    p.add_argument("action", choices=("list", "show", "compare", "alias"))
+    p.add_argument("refs", nargs="*", help="versions or aliases (unique prefixes of versions accepted); "
+                                           "alias takes ALIAS VERSION")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
+    p.set_defaults(handler=cmd_registry)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_storage, _add_collect, _add_pipeline,
-                                                               _add_whatif]
+                                                               _add_whatif, _add_registry]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -202,8 +202,8 @@ def resolve(warehouse: Warehouse, experiment: str, ref: str) -> BundleInfo:
 
 
 def resolve_version(warehouse: Warehouse, experiment: str, ref: str) -> str:
-    """A version or alias of an experiment -> the version it names (checked to exist; the
-    bundle itself is not read)."""
+    """A version, a unique prefix of one (at least 4 hex digits) or an alias of an experiment ->
+    the version it names (checked to exist; the bundle itself is not read)."""
     check_name(experiment, "experiment name")
     check_name(ref, "version or alias")
     with warehouse.reader() as con:
@@ -212,6 +212,14 @@ def resolve_version(warehouse: Warehouse, experiment: str, ref: str) -> str:
             raise RegistryError(f"alias {ref!r} of experiment {experiment!r} points at {row[0]!r}, not a version "
                                 "(16 lowercase hex digits); refusing to load it")
         version = row[0] if row else ref
+        if row is None and re.fullmatch(r"[0-9a-f]{4,15}", ref):  # a unique prefix of a version
+            matches = [r[0] for r in con.execute(
+                "SELECT version FROM simulators WHERE experiment = ? AND starts_with(version, ?) ORDER BY version",
+                [experiment, ref]).fetchall()]
+            if len(matches) > 1:
+                raise RegistryError(f"version prefix {ref!r} of experiment {experiment!r} is ambiguous: "
+                                    f"{', '.join(matches)}")
+            version = matches[0] if matches else ref
         if not is_version(version) or fetch_one(
                 con, "SELECT 1 FROM simulators WHERE experiment = ? AND version = ?", [experiment, version]) is None:
             known = [r[0] for r in con.execute(
@@ -340,3 +348,11 @@ def evaluation_scores(warehouse: Warehouse, experiment: str, versions: list[str]
         return con.sql("SELECT s.method, s.version, e.metric, e.value, e.ci_low, e.ci_high FROM evaluations e "
                        "JOIN simulators s USING (experiment, version) WHERE e.experiment = ? AND list_contains(?, version) "
                        "ORDER BY s.method, e.metric", params=[experiment, versions]).pl()
+
+
+def leaderboard_by_version(warehouse: Warehouse, experiment: str) -> dict[str, dict[str, Any]]:
+    """version -> its held-out scores (the ``leaderboard`` view's columns), for evaluated versions."""
+    with warehouse.reader() as con:
+        frame = con.sql("SELECT * EXCLUDE (experiment, method, created_at) FROM leaderboard WHERE experiment = ?",
+                        params=[experiment]).pl()
+    return {row.pop("version"): row for row in frame.to_dicts()}

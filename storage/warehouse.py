@@ -31,7 +31,7 @@ import duckdb
 import polars as pl
 from simfluence_platform.errors import UserError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each migration takes the schema from version i to i + 1; index 0 creates version 1.
 MIGRATIONS: list[str] = [
@@ -203,6 +203,41 @@ MIGRATIONS: list[str] = [
                coalesce(CAST(json_extract(e.config_json, '$.training.betas[0]') AS DOUBLE), 0.9) AS adam_beta1,
                coalesce(CAST(json_extract(e.config_json, '$.training.momentum') AS DOUBLE), 0.0) AS sgd_momentum
         FROM runs r JOIN experiments e USING (experiment);
+    """,
+    # 3: the effects table (expected leave-one-out effect of each training example on each test
+    # example's final loss, with bootstrap intervals; test_id NULL: the mean over test examples)
+    # and its views joined to the examples' text and label.
+    """
+    CREATE TABLE effects (
+        experiment     VARCHAR NOT NULL,
+        version        VARCHAR NOT NULL,
+        train_id       INTEGER NOT NULL,
+        test_id        INTEGER,
+        effect         DOUBLE NOT NULL,
+        ci_low         DOUBLE,
+        ci_high        DOUBLE,
+        n_curricula    INTEGER NOT NULL,
+        n_refits       INTEGER NOT NULL,
+        base           VARCHAR NOT NULL,
+        heldout_error  DOUBLE,
+        below_error    BOOLEAN,
+        computed_at    TIMESTAMP NOT NULL DEFAULT now()
+    );
+    CREATE VIEW effects_named AS
+        SELECT f.experiment, f.version, f.train_id, tr.text AS train_text, tr.label AS train_label,
+               f.test_id, te.text AS test_text, te.label AS test_label, f.effect, f.ci_low, f.ci_high,
+               f.n_curricula, f.n_refits, f.base, f.heldout_error, f.below_error
+        FROM effects f
+        LEFT JOIN examples tr ON tr.experiment = f.experiment AND tr.split = 'train' AND tr.example_id = f.train_id
+        LEFT JOIN examples te ON te.experiment = f.experiment AND te.split = 'test' AND te.example_id = f.test_id;
+    CREATE VIEW most_helpful_examples AS
+        SELECT row_number() OVER w AS rank, * FROM effects_named
+        WINDOW w AS (PARTITION BY experiment, version, test_id ORDER BY effect, train_id)
+        QUALIFY rank <= 5 ORDER BY experiment, version, test_id NULLS FIRST, rank;
+    CREATE VIEW most_harmful_examples AS
+        SELECT row_number() OVER w AS rank, * FROM effects_named
+        WINDOW w AS (PARTITION BY experiment, version, test_id ORDER BY effect DESC, train_id)
+        QUALIFY rank <= 5 ORDER BY experiment, version, test_id NULLS FIRST, rank;
     """,
 ]
 

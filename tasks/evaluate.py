@@ -19,6 +19,8 @@ import polars as pl
 from matplotlib.figure import Figure
 
 import simfluence as sf
+from simfluence import plots
+from simfluence.runset import RunSet
 from simfluence_platform.storage import registry
 from simfluence_platform.storage.warehouse import Warehouse
 from simfluence_platform.tasks.fit import METHODS
@@ -105,12 +107,15 @@ def plot_trajectories(session: ExperimentSession, refs: list[str], path: Path, n
     """True vs simulated loss of a few test examples on a few held-out runs, for each version
     (the session's predictions of the first version's held-out runs, reused)."""
     held = session.load(refs[0])[1].manifest["heldout_run_ids"]
-    curves = {}
+    predictions = {}
     for ref in refs:
         _, info = session.load(ref)
         runs, pred = session.predict(ref, held)
-        curves[info.manifest["name"]] = (runs, pred)
-    heldout = next(iter(curves.values()))[0]
+        predictions[info.manifest["name"]] = pred[:, :, np.argsort(runs.test_ids)]  # by test id
+        heldout = runs
+    order = np.argsort(heldout.test_ids)
+    heldout = RunSet(heldout.batches, heldout.losses[:, :, order], heldout.n_train, test_ids=heldout.test_ids[order])
+    curves = plots.merge_identical(predictions)
     change = np.abs(heldout.losses[:n_runs, -1] - heldout.losses[:n_runs, 0]).mean(axis=0)
     tests = heldout.test_ids[np.argsort(change)[::-1][:n_tests]]  # the test examples whose loss moved most
     shown = min(n_runs, heldout.n_runs)
@@ -122,8 +127,8 @@ def plot_trajectories(session: ExperimentSession, refs: list[str], path: Path, n
             ax = axes[r][c]
             j = int(np.flatnonzero(heldout.test_ids == test_id)[0])
             ax.plot(steps, heldout.losses[r, :, j], color="black", lw=2, label="true")
-            for method, (runs, pred) in curves.items():
-                ax.plot(steps, pred[r, :, int(np.flatnonzero(runs.test_ids == test_id)[0])], lw=1.2, label=method)
+            for k, (method, pred) in enumerate(curves.items()):
+                ax.plot(steps, pred[r, :, j], lw=1.2, ls=plots.STYLES[k % len(plots.STYLES)], label=method)
             ax.set_title(f"run {held[r]}, test {test_id}", fontsize=9)
             ax.set_xlabel("step")
             ax.set_ylabel("loss (nats)")

@@ -24,5 +24,17 @@ class EvaluateStep:
     n_boot: int = 1000
 
 
+@dataclass(frozen=True)
+class AnswerStep:
+    """``n_refits``: refits on bootstrap resamples of the fitting runs behind the intervals of
+    whatif, influence, effects and the report; ``level``: their coverage; ``curricula``: the
+    base curricula of the effects table (``heldout`` or a number to sample)."""
+
+    n_refits: int = 20
+    level: float = 0.95
+    curricula: str = "heldout"
+
+
 FIT = FitStep()
 EVALUATE = EvaluateStep()
+ANSWER = AnswerStep()

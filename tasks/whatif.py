@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from simfluence import curricula
+from simfluence import curricula, whatif
 from simfluence.simulators import Simulator, SimulatorError
 from simfluence_platform.storage import registry
 from simfluence_platform.storage.experiments import experiment_info, load_runset
@@ -25,7 +25,9 @@ class Question:
     """A simulator and the base curriculum to question it on.
 
     ``curriculum``: ``int[T, b]``; ``initial_loss``: ``float[m]`` (the observed run's step 0);
-    ``observed``: ``float[T+1, m]`` true losses when the base is an observed run, else None.
+    ``observed``: ``float[T+1, m]`` true losses when the base is an observed run, else None;
+    ``fit_run_ids``, ``heldout_run_ids``: the runs the simulator was fitted and scored on;
+    ``fitted_steps``: the number of steps of the experiment's runs (the simulator's horizon).
     """
 
     simulator: Simulator
@@ -35,6 +37,9 @@ class Question:
     curriculum: np.ndarray
     initial_loss: np.ndarray
     observed: np.ndarray | None
+    fit_run_ids: list[int]
+    heldout_run_ids: list[int]
+    fitted_steps: int
 
 
 def ask(warehouse: Warehouse, experiment: str, ref: str = "best", run: int | None = None,
@@ -60,7 +65,79 @@ def ask(warehouse: Warehouse, experiment: str, ref: str = "best", run: int | Non
     if curriculum_path is not None:
         curriculum = curricula.load(curriculum_path, n_train)[0]
         observed = None
-    return Question(simulator, info.version, info.manifest["name"], run_id, curriculum, runs.losses[0, 0], observed)
+    return Question(simulator, info.version, info.manifest["name"], run_id, curriculum, runs.losses[0, 0], observed,
+                    list(info.manifest["fit_run_ids"]), list(info.manifest["heldout_run_ids"]), runs.batches.shape[1])
+
+
+def refits(warehouse: Warehouse, experiment: str, question: Question, n: int, seed: int = 0) -> list[Simulator]:
+    """``n`` refits of the question's simulator on bootstrap resamples of its own fitting runs
+    (none when ``n`` is 0): the unit of every interval the what-if commands print."""
+    if n == 0:
+        return []
+    runs = load_runset(warehouse, experiment, run_ids=question.fit_run_ids, test_ids=question.simulator.test_ids)
+    return whatif.bootstrap_refits(question.simulator, runs, n=n, seed=seed)
+
+
+@dataclass(frozen=True)
+class HeldoutError:
+    """How far the simulator's final losses were off on its held-out runs (nats, root mean
+    square over the runs): ``per_test``: ``float[m]``; ``mean``: of the mean over test examples.
+    An answer smaller than this is within the simulator's own error on comparable runs."""
+
+    per_test: np.ndarray
+    mean: float
+
+
+def heldout_error(warehouse: Warehouse, experiment: str, question: Question) -> HeldoutError:
+    """The simulator's final-loss error on its held-out runs, each simulated from its own start."""
+    runs = load_runset(warehouse, experiment, run_ids=question.heldout_run_ids, test_ids=question.simulator.test_ids)
+    final = question.simulator.simulate(runs.batches, runs.initial_loss)[:, -1]
+    true = runs.losses[:, -1]
+    return HeldoutError(np.sqrt(np.mean((final - true) ** 2, axis=0)),
+                        float(np.sqrt(np.mean((final.mean(axis=1) - true.mean(axis=1)) ** 2))))
+
+
+def flag_within_error(frame: pl.DataFrame, error: HeldoutError, test_ids: np.ndarray) -> pl.DataFrame:
+    """Add ``heldout_error`` (per test example; the mean's for null ``test_id``) and
+    ``below_error`` (``|effect|`` smaller than it: not resolvable by this simulator)."""
+    by_test = pl.DataFrame({"test_id": np.asarray(test_ids, dtype=np.int64), "heldout_error": error.per_test})
+    out = frame.join(by_test, on="test_id", how="left").with_columns(
+        pl.col("heldout_error").fill_null(error.mean))
+    return out.with_columns((pl.col("effect").abs() < pl.col("heldout_error")).alias("below_error"))
+
+
+def base_curricula(warehouse: Warehouse, experiment: str, question: Question,
+                   curricula_spec: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """The base curricula of an effects table: ``heldout`` (the simulator's held-out runs, each
+    from its own initial losses) or a count ``N`` of curricula drawn by the experiment's own
+    sampler (run ids past any collected run), from the held-out runs' mean initial losses.
+    Returns (label, ``int[K, T, b]``, ``float[K, m]``)."""
+    from simfluence_platform.tasks.config import from_dict
+    from simfluence_platform.tasks.runs import curriculum_for_run
+
+    held = load_runset(warehouse, experiment, run_ids=question.heldout_run_ids, test_ids=question.simulator.test_ids)
+    if curricula_spec == "heldout":
+        return "heldout", held.batches, held.initial_loss
+    try:
+        count = int(curricula_spec)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise EffectsRequestError(f"--curricula takes 'heldout' or a positive number of curricula, got {curricula_spec!r}")
+    config = from_dict(experiment_info(warehouse, experiment).config, where=f"experiment {experiment!r}")
+    if config.curriculum.kind == "explicit":
+        raise EffectsRequestError(f"experiment {experiment!r} has explicit curricula (no sampler to draw from); "
+                                  f"use --curricula heldout")
+    base = np.stack([curriculum_for_run(config, SAMPLED_RUN_OFFSET + k) for k in range(count)])
+    return f"sampled:{count}", base, np.repeat(held.initial_loss.mean(axis=0)[None], count, axis=0)
+
+
+# Sampled base curricula use run ids from here on: the sampler's curricula of runs never collected.
+SAMPLED_RUN_OFFSET = 1_000_000_000
+
+
+class EffectsRequestError(UserError, ValueError):
+    """A bad --curricula value or an experiment whose curricula cannot be sampled."""
 
 
 def trajectory_table(steps_by_name: dict[str, np.ndarray], test_ids: np.ndarray, tests: np.ndarray) -> pl.DataFrame:

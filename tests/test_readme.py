@@ -3,11 +3,13 @@
 import re
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
 import simfluence as sf
 from simfluence_platform.storage import registry
+from simfluence_platform.storage.effects import store_effects
 from simfluence_platform.storage.experiments import register_experiment
 from simfluence_platform.storage.ingest import ingest
 from simfluence_platform.storage.shards import LossShardWriter, RunHeader
@@ -40,6 +42,11 @@ def demo_warehouse(tmp_path_factory) -> Warehouse:
     info = registry.publish(wh, "demo", simulator, fit_run_ids=[0], heldout_run_ids=[1], data_hash="d", config_hash="c")
     scores = sf.metrics.score({"mean": simulator}, runs.select_runs([1]), n_boot=10).to_dicts()
     registry.record_evaluations(wh, "demo", [(info.version, scores, [1])])
+    effect = np.linspace(-0.05, 0.05, 30 * 6)  # train x (5 tests + the mean), some intervals off zero
+    store_effects(wh, "demo", info.version, pl.DataFrame({
+        "train_id": np.repeat(np.arange(30), 6), "test_id": pl.Series([0, 1, 2, 3, 4, None] * 30, dtype=pl.Int64),
+        "effect": effect, "ci_low": effect - 0.01, "ci_high": effect + 0.01, "n_curricula": np.ones(180, dtype=int),
+        "heldout_error": np.full(180, 0.02), "below_error": np.abs(effect) < 0.02}), "heldout", 20)
     return wh
 
 

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from html.parser import HTMLParser
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -48,6 +49,30 @@ def test_whatif_and_simulate_write_their_files(experiment, tmp_path, capsys):
     code, out = run(capsys, "simulate", "--experiment", "tiny", "--warehouse", wh, "--curriculum",
                     str(tmp_path / "c.json"), "--out", str(tmp_path / "s.csv"))
     assert code == 0 and "observed" not in pl.read_csv(tmp_path / "s.csv").columns
+    assert set(out["simulated_final_loss"]) == {str(t) for t in range(8)} and "warning" not in out
+    assert all(len(curve) == 7 and curve[-1] == out["simulated_final_loss"][t]
+               for t, curve in out["simulated_losses"].items())
+    (tmp_path / "long.json").write_text(json.dumps([[[0, 1, 2, 3]] * 9]))
+    code, out = run(capsys, "simulate", "--experiment", "tiny", "--warehouse", wh, "--curriculum",
+                    str(tmp_path / "long.json"))
+    assert code == 0 and "9 steps, past the 6" in out["warning"]
+
+
+def test_whatif_changes_carry_intervals_and_the_error_flag(experiment, capsys):
+    code, out = run(capsys, "whatif", "--experiment", "tiny", "--warehouse", str(experiment.path), "--edit", "remove:3",
+                    "--bootstrap", "8")
+    assert code == 0 and out["n_refits"] == 8
+    for test_id, change in out["final_loss_change"].items():
+        assert out["ci_low"][test_id] <= out["ci_high"][test_id]
+    mean = out["mean_change"]
+    assert mean["ci_low"] <= mean["ci_high"]
+    assert mean["below_error"] == (abs(mean["effect"]) < out["heldout_final_error"]["mean"])
+    code, out = run(capsys, "whatif", "--experiment", "tiny", "--warehouse", str(experiment.path), "--edit", "remove:3",
+                    "--bootstrap", "0")
+    assert code == 0 and out["mean_change"]["ci_low"] is None  # no refits, no interval (strict JSON null)
+    main(["whatif", "--experiment", "tiny", "--warehouse", str(experiment.path), "--edit", "remove:3", "--bootstrap", "4"])
+    printed = capsys.readouterr().out
+    assert "largest decreases" in printed and "largest increases" in printed and "over 4 refits" in printed
 
 
 def test_influence_ranks_every_example_in_the_run(experiment, tmp_path, capsys):
@@ -59,6 +84,79 @@ def test_influence_ranks_every_example_in_the_run(experiment, tmp_path, capsys):
     assert ranking["effect"].is_sorted()
     assert max(abs(row["interaction"]) for row in out["interactions"]) < 1e-9  # TracIn is additive
     assert (tmp_path / "i.png").exists()
+    assert all(row["effect"] < 0 for row in out["helpful"]) and all(row["effect"] > 0 for row in out["harmful"])
+    assert len(out["helpful"]) + len(out["harmful"]) == ranking.filter(pl.col("effect") != 0).height
+    assert all(row["label"] and row["text"] for row in out["helpful"] + out["harmful"])
+
+
+def test_effects_table_equals_brute_force_leave_one_out(experiment, tmp_path, capsys):
+    """The stored table against removing each example from each held-out curriculum through the
+    simulator, one simulation at a time; the views and the export carry the same numbers."""
+    wh = str(experiment.path)
+    code, out = run(capsys, "effects", "--experiment", "tiny", "--warehouse", wh, "--bootstrap", "6",
+                    "--out", str(tmp_path / "effects.parquet"), "--tests", "2")
+    assert code == 0 and out["n_refits"] == 6 and out["base"] == "heldout"
+    simulator, info = registry.load(experiment, "tiny", out["version"])
+    held = load_runset(experiment, "tiny", run_ids=info.manifest["heldout_run_ids"], test_ids=simulator.test_ids)
+    total, count = {}, {}
+    for curriculum, start in zip(held.batches, held.initial_loss):
+        final = simulator.simulate(curriculum[None], start[None])[0, -1]
+        for i in sorted({int(x) for x in curriculum.ravel() if x >= 0}):
+            without = simulator.simulate(sf.curricula.remove(curriculum, [i])[None], start[None])[0, -1]
+            total[i] = total.get(i, 0) + (final - without)
+            count[i] = count.get(i, 0) + 1
+    stored = Warehouse(experiment.path).query(
+        f"SELECT train_id, test_id, effect, ci_low, ci_high, n_curricula, below_error, heldout_error FROM effects "
+        f"WHERE experiment = 'tiny' AND version = '{out['version']}'")
+    per_test = stored.filter(pl.col("test_id").is_not_null())
+    assert per_test.height == len(total) * len(simulator.test_ids)
+    for row in per_test.iter_rows(named=True):
+        position = int(np.flatnonzero(simulator.test_ids == row["test_id"])[0])
+        expected = total[row["train_id"]][position] / count[row["train_id"]]
+        assert abs(row["effect"] - expected) < 1e-10 and row["n_curricula"] == count[row["train_id"]]
+        assert row["ci_low"] <= row["ci_high"] and row["below_error"] == (abs(row["effect"]) < row["heldout_error"])
+    mean = stored.filter(pl.col("test_id").is_null()).sort("train_id")
+    np.testing.assert_allclose(mean["effect"].to_numpy(), [total[i].mean() / count[i] for i in sorted(total)],
+                               rtol=1e-10)
+    helpful = Warehouse(experiment.path).query(
+        "SELECT rank, train_id, train_text, train_label, effect FROM most_helpful_examples "
+        f"WHERE version = '{out['version']}' AND test_id IS NULL ORDER BY rank")
+    assert helpful["rank"].to_list() == [1, 2, 3, 4, 5] and helpful["effect"].is_sorted()
+    assert helpful["train_id"][0] == out["rankings"]["mean"]["helpful"][0]["train_id"]
+    assert helpful["train_text"].str.len_chars().min() > 0 and helpful["train_label"].null_count() == 0
+    harmful = Warehouse(experiment.path).query(
+        "SELECT effect FROM most_harmful_examples WHERE test_id = 2 ORDER BY rank")
+    assert harmful["effect"].is_sorted(descending=True) and harmful["effect"][0] == stored.filter(
+        pl.col("test_id") == 2)["effect"].max()
+    exported = pl.read_parquet(tmp_path / "effects.parquet")
+    assert exported.height == stored.height and {"train_text", "test_label", "ci_low"} <= set(exported.columns)
+    code, again = run(capsys, "effects", "--experiment", "tiny", "--warehouse", wh, "--bootstrap", "0",
+                      "--curricula", "3")
+    after = Warehouse(experiment.path).query(
+        f"SELECT count(*) AS n, count(ci_low) AS with_ci, min(base) AS base FROM effects "
+        f"WHERE version = '{out['version']}'").row(0, named=True)
+    assert code == 0 and after["with_ci"] == 0 and after["base"] == "sampled:3"  # replaced, not appended
+    assert after["n"] == again["rows"]
+
+
+def test_registry_commands(experiment, capsys):
+    wh = str(experiment.path)
+    code, rows = run(capsys, "registry", "list", "--experiment", "tiny", "--warehouse", wh)
+    assert code == 0 and {"version", "method", "aliases", "all_steps_mse"} <= set(rows[0])
+    evaluated = next(r for r in rows if r["all_steps_mse"] is not None)
+    code, shown = run(capsys, "registry", "show", evaluated["version"][:6], "--experiment", "tiny", "--warehouse", wh)
+    assert code == 0 and shown["version"] == evaluated["version"] and shown["data_hash"]
+    assert shown["heldout"]["all_steps_mse"] == evaluated["all_steps_mse"]
+    code, compared = run(capsys, "registry", "compare", "latest", evaluated["version"], "--experiment", "tiny",
+                         "--warehouse", wh)
+    assert code == 0 and [c["ref"] for c in compared] == ["latest", evaluated["version"]]
+    code, moved = run(capsys, "registry", "alias", "mine", evaluated["version"][:8], "--experiment", "tiny",
+                      "--warehouse", wh)
+    assert code == 0 and moved["version"] == evaluated["version"] and moved["previous"] is None
+    assert registry.alias_version(experiment, "tiny", "mine") == evaluated["version"]
+    other = next(r["version"] for r in rows if r["version"] != evaluated["version"])
+    code, moved = run(capsys, "registry", "alias", "mine", other, "--experiment", "tiny", "--warehouse", wh)
+    assert code == 0 and moved["previous"] == evaluated["version"] and moved["version"] == other
 
 
 @pytest.mark.parametrize("args, message", [
@@ -99,6 +197,13 @@ BAD_INPUT = [  # (command line after the warehouse option, what the one-line mes
     (["evaluate", "--experiment", "tiny", "--versions", "0123456789abcdef"], "no simulator version or alias"),
     (["refit", "--experiment", "nope"], "unknown experiment 'nope'"),
     (["sql", "SELECT 1; SELECT 2"], "one statement per call"),
+    (["effects", "--experiment", "tiny", "--curricula", "0"], "--curricula takes 'heldout' or a positive number"),
+    (["effects", "--experiment", "tiny", "--out", "effects.txt"], "write tables as .csv or .parquet"),
+    (["effects", "--experiment", "tiny", "--bootstrap", "-1"], "argument --bootstrap: must be at least 0"),
+    (["registry", "alias", "mine", "--experiment", "tiny"], "registry alias takes ALIAS VERSION"),
+    (["registry", "show", "--experiment", "tiny"], "takes at least one version or alias"),
+    (["registry", "show", "abcd", "--experiment", "tiny"], "no simulator version or alias 'abcd'"),
+    (["registry", "rename", "--experiment", "tiny"], "invalid choice: 'rename'"),
 ]
 
 
@@ -165,9 +270,11 @@ def test_report_is_self_contained(experiment, tmp_path, capsys):
     assert code == 0
     structure = _Structure()
     structure.feed((tmp_path / "report.html").read_text())
-    for heading in ("Runs", "Example coverage", "Leaderboard (held-out runs)", "Trajectories: true vs simulated",
-                    "Interactions", "Order effects"):
+    for heading in ("Summary", "Runs", "Example coverage", "Leaderboard (held-out runs)",
+                    "Trajectories: true vs simulated", "Most helpful", "Most harmful", "Interactions", "Order effects"):
         assert heading in structure.headings
+    text = (tmp_path / "report.html").read_text()
+    assert "The best simulator is" in text and "How far to trust them" in text and "intervals over 20 refits" in text
     assert len(structure.images) == 3 and all(src.startswith("data:image/png;base64,") for src in structure.images)
     assert structure.external == [] and structure.scripts == 0 and structure.tables >= 6
 
@@ -179,7 +286,7 @@ def test_report_renders_in_headless_chromium(experiment, tmp_path, capsys):
              f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run(["chromium", *flags, "--dump-dom", f"file://{tmp_path / 'r.html'}"], capture_output=True,
                          text=True, timeout=120)
-    assert "Simfluence report: tiny" in dom.stdout and "Leaderboard" in dom.stdout
+    assert "Simfluence report: tiny" in dom.stdout and "Leaderboard" in dom.stdout and "How far to trust them" in dom.stdout
     shot = subprocess.run(["chromium", *flags, "--window-size=1200,2400", f"--screenshot={tmp_path / 'r.png'}",
                            f"file://{tmp_path / 'r.html'}"], capture_output=True, text=True, timeout=120)
     assert shot.returncode == 0 and (tmp_path / "r.png").stat().st_size > 20_000

@@ -183,3 +183,12 @@ def test_influence_and_changes_carry_intervals_from_refits():
     result, low, high = whatif.changes_with_interval(simulator, curriculum, edited, initial, refits)
     assert np.all(low <= high) and np.any(high > low)
     np.testing.assert_allclose(result.effect, whatif.counterfactual(simulator, curriculum, edited, initial).effect)
+
+
+def test_coinciding_curves_are_drawn_once_under_both_names():
+    from simfluence.plots import merge_identical
+
+    a, b = np.linspace(1, 2, 5), np.linspace(2, 1, 5)
+    merged = merge_identical({"x": a, "y": b, "z": a.copy(), "w": a + 1e-3})
+    assert list(merged) == ["y", "x = z", "w"]
+    np.testing.assert_array_equal(merged["x = z"], a)
