@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml Makefile
 # epilogue counts them); `deployments/local.sh stop` stops them.
 demo: $(STAMP)
 	deployments/local.sh start
-	deployments/local.sh run 'collect-runs/demo'
+	@# The collection runs on the workers; its progress is read from the runs' shard markers.
+	deployments/local.sh run 'collect-runs/demo' & collect=$$!; \
+	  $(BIN)/simfluence progress --experiment demo --runs 48 --while-pid $$collect --interval 10; wait $$collect
 	deployments/local.sh run 'fit-simulators/demo'
 	deployments/local.sh run 'evaluate-simulators/demo'
 	@$(BIN)/simfluence report --experiment demo > /dev/null
@@ -35,8 +37,8 @@ demo: $(STAMP)
 	@deployments/local.sh scheduled refit/demo
 	@echo "Prefect UI: http://127.0.0.1:$${SIMFLUENCE_PREFECT_PORT:-4200}   (stop: deployments/local.sh stop)"
 	@echo "Next:"
+	@echo "  .venv/bin/simfluence effects --experiment demo        # which training examples helped or hurt, with intervals"
 	@echo "  .venv/bin/simfluence whatif --experiment demo --edit remove:18 --edit move:4@1 --plot whatif.png"
-	@echo "  .venv/bin/simfluence influence --experiment demo --tests 12 --plot influence.png"
 	@echo "  .venv/bin/simfluence sql \"SELECT run_id, loss FROM final_losses WHERE test_id = 12 ORDER BY loss\""
 
 test: $(STAMP)

@@ -251,6 +251,43 @@ def cmd_collect(args: argparse.Namespace) -> dict:
     return result
 
 
+def cmd_progress(args: argparse.Namespace) -> dict:
+    """Follow a collection from its shard markers: runs done, runs per minute, time left."""
+    from simfluence_platform.storage.shards import finished_runs
+
+    warehouse = _warehouse(args)
+    started = time.monotonic()
+    first, _ = finished_runs(warehouse.shard_root, args.experiment, args.runs)
+    shown, last_print = None, 0.0
+    while True:
+        complete, failed = finished_runs(warehouse.shard_root, args.experiment, args.runs)
+        alive = args.while_pid is None or _pid_alive(args.while_pid)
+        now = time.monotonic()
+        if (complete, failed) != shown or now - last_print >= 60 or complete + failed >= args.runs or not alive:
+            minutes = (now - started) / 60
+            rate = (complete - first) / minutes if minutes > 0 else 0.0
+            left = args.runs - complete - failed
+            eta = f", about {math.ceil(left / rate)} min left" if rate > 0 and left > 0 else ""
+            line = (f"{args.experiment}: {complete}/{args.runs} runs complete" + (f", {failed} failed" if failed else "")
+                    + (f", {rate:.1f} runs/min" if rate > 0 else "") + eta + f" ({minutes:.1f} min)")
+            if not args.json:
+                print(line, flush=True)
+            shown, last_print = (complete, failed), now
+        if complete + failed >= args.runs or not alive:
+            return {"experiment": args.experiment, "runs": args.runs, "complete": complete, "failed": failed,
+                    "minutes": round((time.monotonic() - started) / 60, 2)}
+        time.sleep(args.interval)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def cmd_fit(args: argparse.Namespace) -> list:
     """Fit and publish simulators: the fit-simulators flow."""
     from simfluence_platform.flows.fit import fit_simulators
@@ -331,6 +368,14 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-gradients", action="store_true", help="skip the gradient checkpoints of the baselines")
     p.add_argument("--on-workers", action="store_true", help="one train-run deployment run per run (work pool)")
     p.set_defaults(handler=cmd_collect)
+    p = sub.add_parser("progress", help="follow a collection: runs done, runs per minute, time left")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--runs", type=positive_int, required=True, help="the collection's size (runs 0..RUNS-1)")
+    p.add_argument("--while-pid", type=positive_int, default=None,
+                   help="stop when this process ends (e.g. the command that runs the collection)")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between looks (default 5)")
+    p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
+    p.set_defaults(handler=cmd_progress)
 
 
 class TestIdsError(UserError, ValueError):

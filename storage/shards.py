@@ -109,6 +109,21 @@ def read_footer(path: Path) -> pq.FileMetaData | None:
         return None
 
 
+def finished_runs(shard_root: str | Path, experiment: str, runs: int) -> tuple[int, int]:
+    """(complete, failed) among runs ``0..runs-1`` of ``experiment``, from their markers alone:
+    cheap enough to poll while a collection runs, and it never opens the warehouse."""
+    complete = failed = 0
+    for run_id in range(runs):
+        try:
+            marker = read_marker(run_dir(shard_root, experiment, run_id))
+        except (OSError, ValueError):  # a marker being replaced right now: counted next time
+            continue
+        status = (marker or {}).get("status")
+        complete += status == "complete"
+        failed += status == "failed"
+    return complete, failed
+
+
 def pending_loss_shards(shard_root: str | Path, loaded: set[str]) -> list[Path]:
     """Whole, readable loss shards under ``shard_root`` whose path relative to it is not in
     ``loaded`` (the ingest manifest), in path order. Unreadable files are left out."""
