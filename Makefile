@@ -28,12 +28,13 @@ demo: $(STAMP)
 	  $(BIN)/simfluence progress --experiment demo --runs 48 --while-pid $$collect --interval 10; wait $$collect
 	deployments/local.sh run 'fit-simulators/demo'
 	deployments/local.sh run 'evaluate-simulators/demo'
-	@$(BIN)/simfluence report --experiment demo > /dev/null
 	@cat simfluence-data/reports/demo/leaderboard.md
 	@echo
-	@echo "Shown: the held-out leaderboard of every simulator on the demo (lower MSE, higher Spearman is better)."
+	@$(BIN)/simfluence report --experiment demo
+	@echo "Shown: the held-out leaderboard of every simulator on the demo (lower MSE, higher Spearman is better)"
+	@echo "and the report's summary: the best simulator, its strongest effects and how far to trust them."
 	@echo "Warehouse: simfluence-data/warehouse.duckdb  (.venv/bin/simfluence sql \"SELECT * FROM leaderboard\")"
-	@echo "Report: simfluence-data/reports/demo/report.html (plots beside it)"
+	@echo "Report: simfluence-data/reports/demo/report.html (self-contained; the effects table is in the warehouse)"
 	@deployments/local.sh scheduled refit/demo
 	@echo "Prefect UI: http://127.0.0.1:$${SIMFLUENCE_PREFECT_PORT:-4200}   (stop: deployments/local.sh stop)"
 	@echo "Next:"

@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from simfluence_platform.flows.common import experiment_config, warehouse as open_warehouse
+from simfluence_platform.flows.common import experiment_config, run_name, warehouse as open_warehouse
 from simfluence_platform.flows.ingest import ingest_shards
 from simfluence_platform.storage.experiments import complete_run_ids, has_gradients
 from simfluence_platform.tasks.collect import (
@@ -77,7 +77,7 @@ def gradient_task(config: ExperimentConfig, warehouse: str | None) -> None:
     store_reference_gradients(config, open_warehouse(warehouse))
 
 
-@flow(name="collect-runs", log_prints=True)
+@flow(name="collect-runs", log_prints=True, flow_run_name=run_name("collect"))
 def collect_runs(preset: str | None = "demo", config_path: str | None = None, runs: int = 8,
                  warehouse: str | None = None, on_workers: bool = False,
                  train_deployment: str = "train-run/default", gradients: bool = True, run_retries: int = 1,

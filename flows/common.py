@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 from simfluence_platform.storage.warehouse import Warehouse
 from simfluence_platform.tasks.config import ExperimentConfig, load_config, preset as preset_config
 
@@ -16,3 +19,19 @@ def experiment_config(preset: str | None, config_path: str | None) -> Experiment
 def warehouse(path: str | None) -> Warehouse:
     """The warehouse at ``path`` (default ``$SIMFLUENCE_HOME/warehouse.duckdb``)."""
     return Warehouse(path)
+
+
+def run_name(kind: str) -> Callable[[], str]:
+    """A flow-run name from the run's parameters, for the UI: ``<kind>-<experiment or preset or
+    config file>`` and ``-<runs>-runs`` when the flow collects (``all`` when none is named)."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        parameters = flow_run.parameters
+        what = (parameters.get("experiment") or parameters.get("preset")
+                or (Path(parameters["config_path"]).stem if parameters.get("config_path") else "all"))
+        runs = f"-{parameters['runs']}-runs" if parameters.get("runs") else ""
+        return f"{kind}-{what}{runs}"
+
+    return name

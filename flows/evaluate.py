@@ -23,7 +23,7 @@ def evaluate_task(warehouse: str | None, experiment: str, refs: list[str] | None
             "report_dir": str(evaluation.report_dir.resolve()), "files": [str(f.resolve()) for f in evaluation.files]}
 
 
-@flow(name="evaluate-simulators", log_prints=True)
+@flow(name="evaluate-simulators", log_prints=True, flow_run_name="evaluate-{experiment}")
 def evaluate_simulators(experiment: str = "demo", refs: list[str] | None = None, n_boot: int = EVALUATE.n_boot,
                         warehouse: str | None = None) -> dict:
     """Score versions or aliases (default: the newest of every method) on their held-out runs,

@@ -26,7 +26,7 @@ def fit_method_task(job: FitJob, method: str) -> dict:
     return {"method": published.method, "version": published.version, "fit_seconds": round(published.seconds, 3)}
 
 
-@flow(name="fit-simulators", log_prints=True)
+@flow(name="fit-simulators", log_prints=True, flow_run_name="fit-{experiment}")
 def fit_simulators(experiment: str = "demo", methods: list[str] | None = None, heldout_every: int = FIT.heldout_every,
                    dask_address: str | None = None, n_workers: int = FIT.n_workers, shard_size: int = FIT.shard_size,
                    warehouse: str | None = None) -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 
-from simfluence_platform.flows.common import warehouse as open_warehouse
+from simfluence_platform.flows.common import run_name, warehouse as open_warehouse
 from simfluence_platform.storage.ingest import ingest
 
 
@@ -13,7 +13,7 @@ def ingest_shards(warehouse: str | None, experiment: str | None) -> dict:
     return ingest(open_warehouse(warehouse), experiment).to_dict()
 
 
-@flow(name="ingest-losses", log_prints=True)
+@flow(name="ingest-losses", log_prints=True, flow_run_name=run_name("ingest"))
 def ingest_losses(warehouse: str | None = None, experiment: str | None = None) -> dict:
     """Load new shards (all experiments, or one). Safe to run at any time and repeatedly: one
     writer at a time (a file lock; the deployment also has a concurrency limit of 1)."""

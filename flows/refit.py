@@ -21,7 +21,7 @@ from simfluence_platform.tasks.fit import FitError, split_runs
 from simfluence_platform.tasks.steps import FIT, EVALUATE
 
 
-@flow(name="refit", log_prints=True)
+@flow(name="refit", log_prints=True, flow_run_name="refit-{experiment}")
 def refit(experiment: str = "demo", methods: list[str] | None = None, heldout_every: int = FIT.heldout_every,
           dask_address: str | None = None, n_boot: int = EVALUATE.n_boot, warehouse: str | None = None) -> dict:
     logger = get_run_logger()

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal
@@ -622,12 +623,14 @@ def cmd_report(args: argparse.Namespace) -> dict:
 
     stages = ["effects", "coverage", "leaderboard", "trajectories", "influence"]
     bar = tqdm(total=len(stages), desc="report", disable=args.json, file=sys.stderr)
-    path = build_report(_warehouse(args), args.experiment, args.ref, args.out, n_refits=args.bootstrap,
-                        step=lambda stage: bar.update())
+    report = build_report(_warehouse(args), args.experiment, args.ref, args.out, n_refits=args.bootstrap,
+                          step=lambda stage: bar.update())
     bar.close()
     if not args.json:
-        print(f"report: {path}")
-    return {"report": str(path)}
+        for paragraph in report.summary:
+            print(textwrap.fill(paragraph, width=100), end="\n\n")
+        print(f"report: {report.path}")
+    return {"report": str(report.path), "summary": report.summary}
 
 
 def _add_whatif(sub: argparse._SubParsersAction) -> None:

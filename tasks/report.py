@@ -13,8 +13,10 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +62,9 @@ def _image(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _summary(board: pl.DataFrame, question, effects: EffectsAnswer) -> str:
-    """The report's first paragraph: which simulator, how well it did, what it says, how far to trust it."""
+def _summary(board: pl.DataFrame, question, effects: EffectsAnswer) -> list[str]:
+    """The report's first paragraphs (HTML): which simulator, how well it did, what it says,
+    how far to trust it."""
     parts = []
     mse = board.filter(pl.col("metric") == "all_steps_mse")
     mine = mse.filter(pl.col("version") == question.version)
@@ -101,11 +104,28 @@ def _summary(board: pl.DataFrame, question, effects: EffectsAnswer) -> str:
              f"held-out runs. Of {counts['effects']} per-test effects, {counts['interval_excludes_zero']} have an "
              f"interval that excludes zero and {counts['excludes_zero_and_above_error']} of those are also larger than "
              f"that test example's held-out error.")
+    if ranking.height:
+        strongest = max(abs(helpful["effect"]), abs(harmful["effect"]))
+        trust += (f" The strongest effect on the mean ({strongest:.4f} nats) is "
+                  + ("larger" if strongest > effects.error.mean else "smaller") + " than that error.")
     if counts["excludes_zero_and_above_error"] == 0:
         trust += (" No single example's effect is larger than the simulator's own error: read the rankings as "
                   "hypotheses to test by training, not as measurements.")
     parts.append(trust)
-    return "<h2>Summary</h2>" + "".join(f"<p>{p}</p>" for p in parts)
+    return parts
+
+
+def plain_text(fragment: str) -> str:
+    """An HTML fragment as one line of text (tags dropped, entities decoded)."""
+    return html.unescape(re.sub(r"<[^>]+>", "", fragment))
+
+
+@dataclass(frozen=True)
+class Report:
+    """A written report: its file and its summary paragraphs as plain text."""
+
+    path: Path
+    summary: list[str]
 
 
 def _snippet(text: str | None, width: int = 80) -> str:
@@ -115,9 +135,9 @@ def _snippet(text: str | None, width: int = 80) -> str:
 
 def build_report(warehouse: Warehouse, experiment: str, ref: str = "best", out: str | Path | None = None,
                  top: int = 10, pairs: int = 6, n_refits: int = ANSWER.n_refits,
-                 step: Callable[[str], None] = lambda stage: None) -> Path:
-    """Write the report (default ``<home>/reports/<experiment>/report.html``) and return its path.
-    Stores the effects table of ``ref`` on the way (its summary reads it)."""
+                 step: Callable[[str], None] = lambda stage: None) -> Report:
+    """Write the report (default ``<home>/reports/<experiment>/report.html``). Stores the
+    effects table of ``ref`` on the way (its summary reads it)."""
     out = Path(out) if out else warehouse.home / "reports" / experiment / "report.html"
     info = experiment_info(warehouse, experiment)
     description, n_train, n_test, created = info.description, info.n_train, info.n_test, info.created_at
@@ -129,9 +149,11 @@ def build_report(warehouse: Warehouse, experiment: str, ref: str = "best", out: 
     refitted = refits(warehouse, experiment, question, n_refits)
     step("effects")
     effects = effects_for(warehouse, experiment, question, refitted, "heldout", ANSWER.level)
+    summary = _summary(board, question, effects)
     sections = [f"<h1>Simfluence report: {html.escape(experiment)}</h1>",
                 f"<p class='note'>{html.escape(description or '')}; {n_train} training and {n_test} test examples; "
-                f"created {created}.</p>", _summary(board, question, effects), "<h2>Runs</h2>", _table(runs)]
+                f"created {created}.</p>", "<h2>Summary</h2>", *(f"<p>{part}</p>" for part in summary),
+                "<h2>Runs</h2>", _table(runs)]
     step("coverage")
     sections += ["<h2>Example coverage</h2>",
                  f"<p class='note'>How often each training example appears across complete runs "
@@ -212,4 +234,4 @@ def build_report(warehouse: Warehouse, experiment: str, ref: str = "best", out: 
     body = "\n".join(sections)
     out.write_text(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Simfluence: "
                    f"{html.escape(experiment)}</title><style>{STYLE}</style></head><body>{body}</body></html>")
-    return out
+    return Report(out, [plain_text(part) for part in summary])

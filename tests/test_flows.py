@@ -73,6 +73,12 @@ def test_collect_fit_evaluate_refit_and_the_cli(home):
         keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
             any_=["plot-metrics-tiny", "plot-trajectories-tiny"])))}
     assert keys == {"plot-metrics-tiny", "plot-trajectories-tiny"}
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:  # flow runs named after what they work on
+        names = {r.name for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(
+            any_=["collect-tiny-10-runs", "fit-tiny", "evaluate-tiny"])))}
+    assert names == {"collect-tiny-10-runs", "fit-tiny", "evaluate-tiny"}
     wh = Warehouse(warehouse)
     with wh.reader() as con:
         assert con.execute("SELECT count(DISTINCT method) FROM leaderboard WHERE experiment = 'tiny'").fetchall() == [
