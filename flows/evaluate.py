@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from simfluence_platform.flows.collect import artifact_key
 from simfluence_platform.flows.common import warehouse as open_warehouse
 from simfluence_platform.tasks.evaluate import evaluate_and_report, leaderboard_rows
 from simfluence_platform.tasks.steps import EVALUATE
+
+
+def image_markdown(path: Path) -> str:
+    """Markdown that shows the PNG itself in the Prefect UI (embedded as a data URI, so it needs
+    no file server), and where the file is on the machine that ran the flow."""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"![{path.stem}](data:image/png;base64,{data})\n\n`{path}`"
 
 
 @task(name="evaluate-and-report", cache_policy=NO_CACHE)
@@ -34,8 +42,7 @@ def evaluate_simulators(experiment: str = "demo", refs: list[str] | None = None,
     markdown = open(result["files"][0]).read()
     create_markdown_artifact(key=artifact_key("report", experiment), markdown=markdown)
     for path in map(Path, result["files"][1:]):  # one key per plot, so that none hides another
-        create_link_artifact(key=artifact_key(f"plot-{path.stem}", experiment), link=path.as_uri(),
-                             link_text=f"{path.name} ({path.parent})",
-                             description=f"{path.stem} plot of {experiment} (a PNG on the machine that ran the flow)")
+        create_markdown_artifact(key=artifact_key(f"plot-{path.stem}", experiment), markdown=image_markdown(path),
+                                 description=f"{path.stem} plot of {experiment}")
     get_run_logger().info(f"best: {result['best']}" + (" (moved by this evaluation)" if result["moved_best"] else ""))
     return result
