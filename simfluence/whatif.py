@@ -158,25 +158,26 @@ def strongest(ranking: pl.DataFrame, k: int) -> list[int]:
 
 def interval(draws: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval over the first axis of ``draws: float[B, ...]`` (one answer per
-    bootstrap refit): ``(low, high)``, each ``float[...]``; NaN where the draws are NaN."""
+    bootstrap refit): ``(low, high)``, each ``float[...]``; NaN where the draws are NaN or
+    there are none (B = 0)."""
     if not 0 < level < 1:
         raise SimulatorError(f"level must lie in (0, 1), got {level!r}")
+    draws = np.asarray(draws, dtype=np.float64)
+    if draws.shape[0] == 0:
+        nan = np.full(draws.shape[1:], np.nan)
+        return nan, nan.copy()
     alpha = (1 - level) / 2
     with np.errstate(invalid="ignore"):
         return np.quantile(draws, alpha, axis=0), np.quantile(draws, 1 - alpha, axis=0)
 
 
-def changes_with_interval(simulator: Simulator, base: np.ndarray, edited: np.ndarray, initial_loss: np.ndarray,
-                          refits: list[Simulator], level: float = 0.95) -> tuple[WhatIf, np.ndarray, np.ndarray]:
-    """:func:`counterfactual` and the percentile interval of its ``effect`` (``float[m]`` each)
-    over ``refits`` (NaN without refits)."""
+def change_draws(simulator: Simulator, base: np.ndarray, edited: np.ndarray, initial_loss: np.ndarray,
+                 refits: list[Simulator]) -> tuple[WhatIf, np.ndarray]:
+    """:func:`counterfactual`, and its ``effect`` under each refit: ``float[B, m]`` (B = 0
+    without refits; :func:`interval` turns it into an interval)."""
     result = counterfactual(simulator, base, edited, initial_loss)
-    if not refits:
-        nan = np.full_like(result.effect, np.nan)
-        return result, nan, nan
-    draws = np.stack([counterfactual(r, base, edited, initial_loss).effect for r in refits])
-    low, high = interval(draws, level)
-    return result, low, high
+    draws = [counterfactual(r, base, edited, initial_loss).effect for r in refits]
+    return result, np.stack(draws) if draws else np.empty((0, len(result.effect)))
 
 
 def influence(simulator: Simulator, curriculum: np.ndarray, initial_loss: np.ndarray,
@@ -198,9 +199,7 @@ def influence(simulator: Simulator, curriculum: np.ndarray, initial_loss: np.nda
         return finals[0] - finals[1:], finals[1:]
 
     effect, without = loo(simulator)
-    low = high = np.full_like(effect, np.nan)
-    if refits:
-        low, high = interval(np.stack([loo(r)[0] for r in refits]), level)
+    low, high = interval(np.array([loo(r)[0] for r in refits or []]).reshape(-1, len(effect)), level)
     return pl.DataFrame({"example_id": ids, "occurrences": counts, "effect": effect, "ci_low": low,
                          "ci_high": high, "final_without": without}).sort("effect")
 
@@ -332,11 +331,9 @@ def effects(simulator: Simulator, base: np.ndarray, initial_loss: np.ndarray,
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = _loo_effects(simulator, base, initial_loss) / counts[:, None]
         mean[unseen] = np.nan
-        nan = np.full_like(mean, np.nan)
-        low, high, mean_low, mean_high = nan, nan, nan[:, 0], nan[:, 0]
-        if refits:
-            draws = np.stack([_loo_effects(r, base, initial_loss) / counts[:, None] for r in refits])
-            draws[:, unseen] = np.nan
-            low, high = interval(draws, level)
-            mean_low, mean_high = interval(draws.mean(axis=2), level)
+        draws = np.array([_loo_effects(r, base, initial_loss) / counts[:, None] for r in refits or []])
+        draws = draws.reshape(-1, *mean.shape)
+        draws[:, unseen] = np.nan
+        low, high = interval(draws, level)
+        mean_low, mean_high = interval(draws.mean(axis=2), level)
         return Effects(mean, low, high, mean.mean(axis=1), mean_low, mean_high, counts, len(refits or []), level)

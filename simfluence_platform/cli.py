@@ -414,8 +414,6 @@ def _examples(args: argparse.Namespace, split: str) -> dict[int, tuple[str, str]
 
 def cmd_whatif(args: argparse.Namespace) -> dict:
     """Simulate an observed run edited, beside the run itself and its plain simulation."""
-    import numpy as np
-
     from simfluence import plots, whatif
     from simfluence_platform.tasks.whatif import ask, heldout_error, refits, trajectory_table, write_table
 
@@ -425,8 +423,9 @@ def cmd_whatif(args: argparse.Namespace) -> dict:
               if args.command == "whatif" else question.curriculum)
     tests = whatif.test_positions(question.simulator, question.initial_loss, _tests(args))
     refitted = refits(warehouse, args.experiment, question, args.bootstrap) if args.command == "whatif" else []
-    result, low, high = whatif.changes_with_interval(question.simulator, question.curriculum, edited,
-                                                     question.initial_loss, refitted, ANSWER.level)
+    result, draws = whatif.change_draws(question.simulator, question.curriculum, edited, question.initial_loss,
+                                        refitted)
+    low, high = whatif.interval(draws, ANSWER.level)
     error = heldout_error(warehouse, args.experiment, question)
     columns = {"simulated_base": result.base, "simulated_whatif": result.edited}
     if question.observed is not None:
@@ -445,16 +444,14 @@ def cmd_whatif(args: argparse.Namespace) -> dict:
         out["simulated_final_loss"] = {int(ids[t]): float(result.base[-1, t]) for t in tests}
         out["simulated_losses"] = {int(ids[t]): result.base[:, t].tolist() for t in tests}
     else:
-        mean_change = result.edited[-1, tests].mean() - result.base[-1, tests].mean()
-        mean_draws = (np.stack([whatif.counterfactual(r, question.curriculum, edited, question.initial_loss).effect[tests]
-                                .mean() for r in refitted]) if refitted else np.full(1, np.nan))
-        mean_low, mean_high = whatif.interval(mean_draws[:, None], ANSWER.level) if refitted else (np.nan, np.nan)
+        mean_change = result.effect[tests].mean()
+        mean_low, mean_high = whatif.interval(draws[:, tests].mean(axis=1), ANSWER.level)
         out.update({"edits": args.edit or [], "n_refits": len(refitted),
                     "final_loss_change": {int(ids[t]): float(result.effect[t]) for t in tests},
                     "ci_low": {int(ids[t]): float(low[t]) for t in tests},
                     "ci_high": {int(ids[t]): float(high[t]) for t in tests},
-                    "mean_change": {"effect": float(mean_change), "ci_low": float(np.ravel(mean_low)[0]),
-                                    "ci_high": float(np.ravel(mean_high)[0]),
+                    "mean_change": {"effect": float(mean_change), "ci_low": float(mean_low),
+                                    "ci_high": float(mean_high),
                                     "below_error": bool(abs(mean_change) < error.mean)}})
     if args.out:
         out["table"] = str(write_table(table, args.out))

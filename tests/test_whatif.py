@@ -180,8 +180,10 @@ def test_influence_and_changes_carry_intervals_from_refits():
     np.testing.assert_allclose(plain["effect"].to_numpy(), ranking["effect"].to_numpy())
     assert plain["ci_low"].is_nan().all()
     edited = whatif.apply_edit(curriculum, f"remove:{ranking['example_id'][0]}")
-    result, low, high = whatif.changes_with_interval(simulator, curriculum, edited, initial, refits)
-    assert np.all(low <= high) and np.any(high > low)
+    result, draws = whatif.change_draws(simulator, curriculum, edited, initial, refits)
+    low, high = whatif.interval(draws)
+    assert draws.shape == (8, 4) and np.all(low <= high) and np.any(high > low)
+    assert np.isnan(whatif.interval(whatif.change_draws(simulator, curriculum, edited, initial, [])[1])[0]).all()
     np.testing.assert_allclose(result.effect, whatif.counterfactual(simulator, curriculum, edited, initial).effect)
 
 
