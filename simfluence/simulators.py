@@ -138,9 +138,12 @@ class Simulator(ABC):
             out[rows, 0] = loss
             # counts of every step of the chunk at once, row t * size + r (one sparse build)
             step_major = count_matrix(np.ascontiguousarray(batches[rows].transpose(1, 0, 2)), self.n_train)
-            step_major = step_major.astype(dtype, copy=False)
+            data, indices, indptr = step_major.data.astype(dtype), step_major.indices, step_major.indptr
             for t in range(T):
-                alpha, beta = self._coefficients(step_major[t * size : (t + 1) * size], t, dtype)
+                lo, hi = indptr[t * size], indptr[(t + 1) * size]
+                step_counts = sp.csr_matrix((data[lo:hi], indices[lo:hi], indptr[t * size : (t + 1) * size + 1] - lo),
+                                            shape=(size, self.n_train))
+                alpha, beta = self._coefficients(step_counts, t, dtype)
                 loss = alpha * loss + beta
                 out[rows, t + 1] = loss
         return out
