@@ -23,6 +23,10 @@ solvers, chosen automatically by a cost estimate:
 - ``cg``: preconditioned conjugate gradients on the normal equations, batched over all test
   examples, matrix-free through the sparse count matrix. The preconditioner is the exact
   2 x 2 block of each training example (its A and B features are nearly collinear).
+
+A grid of penalties is one path (:func:`solve_ridge_path`): the penalty-free structure is built
+once, and on ``cg`` a path whose A and B penalties agree is solved by multi-shift CG (one
+Krylov sequence for every penalty). :func:`solve_ridge` is the path of one penalty.
 """
 
 from __future__ import annotations
