@@ -7,7 +7,8 @@ T=200, b=8) on synthetic runs of a known Simfluence-Linear process with per-step
 - the dense per-test-example reference (NumPy lstsq on the full design of one test example),
   timed on a sample of test examples and scaled to all m; the speedup; the largest relative
   parameter difference on the sample;
-- the cross-validated fit (intercept and penalty chosen over whole-run folds);
+- the cross-validated fit (intercept and penalty chosen over whole-run folds, each fold and
+  intercept one exact penalty path; ``cv_bench.py`` compares it with the per-penalty way);
 - simulate throughput on 1,000 curricula x 1,000 test examples x 200 steps (b=8);
 - SGD fitting of the same model (an embedding table of (A, B) per pair trained with Adam on
   minibatches of transitions, as public research code does): the time it needs to come within
@@ -36,7 +37,8 @@ WORKLOADS = {
     "S": dict(n=200, m=277, runs=25, steps=96, batch=4, dense_sample=8),
     "M": dict(n=1000, m=1000, runs=100, steps=200, batch=8, dense_sample=1),
 }
-L2 = 1e-2
+L2 = 1e-2  # on the summed squared errors; the simulators take it per transition (L2 / (R*T))
+CV_GRID = (1e-3, 1e-2, 1e-1, 1.0)  # on the summed squared errors of a fold, as L2
 
 
 def timed(fn, *args, **kwargs):
@@ -49,8 +51,9 @@ def bench_fit(name: str, spec: dict, cv: bool, sgd_budget: float) -> dict:
     runs, _ = linear_runs(spec["n"], spec["m"], spec["runs"] + 5, spec["steps"], spec["batch"],
                           noise=0.01, step_intercept=True, seed=0)
     fitting, heldout = runs.split(5, seed=0)
-    sf.SimfluenceLinear(intercept="step", l2=L2).fit(fitting.select_tests([0]))  # compile kernels
-    simulator, fit_s = timed(sf.SimfluenceLinear(intercept="step", l2=L2).fit, fitting)
+    l2 = L2 / (fitting.n_runs * fitting.n_steps)  # per transition
+    sf.SimfluenceLinear(intercept="step", l2=l2).fit(fitting.select_tests([0]))  # compile kernels
+    simulator, fit_s = timed(sf.SimfluenceLinear(intercept="step", l2=l2).fit, fitting)
     problem = TransitionProblem.from_runs(fitting, 1.0, "step")
     solution = solve_ridge(problem, L2, L2)
     sample = np.linspace(0, spec["m"] - 1, spec["dense_sample"]).astype(int)
@@ -74,13 +77,16 @@ def bench_fit(name: str, spec: dict, cv: bool, sgd_budget: float) -> dict:
           f"{dense_s / len(sample):.2f} s per test example -> {dense_all_s:.0f} s for m={spec['m']}; "
           f"speedup {dense_all_s / fit_s:.0f}x; max relative parameter difference {worst:.1e}")
     if cv:
-        cv_sim = sf.SimfluenceLinear(intercept="cv", l2_grid=(1e-3, 1e-2, 1e-1, 1.0), cv_folds=3)
+        fold_transitions = min(len(fit) for fit, _ in fitting.run_folds(3, 0)) * fitting.n_steps
+        cv_sim = sf.SimfluenceLinear(intercept="cv", l2_grid=tuple(v / fold_transitions for v in CV_GRID), cv_folds=3)
         _, cv_s = timed(cv_sim.fit, fitting)
         cv_mse = sf.metrics.all_steps_mse(cv_sim.simulate(heldout.batches, heldout.initial_loss), heldout.losses)
+        load = os.getloadavg()[0]
         result.update(cv_fit_seconds=cv_s, cv_intercept=cv_sim.fitted_intercept,
-                      cv_l2=float(cv_sim.fitted_l2[0]), heldout_mse_cv=cv_mse)
-        print(f"[{name}] cross-validated fit (3 folds x 3 intercepts x 4 penalties, warm starts) {cv_s:.1f} s: "
-              f"intercept={cv_sim.fitted_intercept}, l2={cv_sim.fitted_l2[0]:g}, held-out MSE {cv_mse:.3e}")
+                      cv_l2=float(cv_sim.fitted_l2[0]), heldout_mse_cv=cv_mse, load_after_cv=load)
+        print(f"[{name}] cross-validated fit (3 folds x 3 intercepts x 4 penalties, one penalty path per fold and "
+              f"intercept) {cv_s:.1f} s = {cv_s / fit_s:.1f}x the fit: intercept={cv_sim.fitted_intercept}, "
+              f"l2={cv_sim.fitted_l2[0]:.3g} per transition, held-out MSE {cv_mse:.3e} (load average {load:.2f})")
     if sgd_budget > 0:
         result.update(bench_sgd(fitting, heldout, exact_mse, fit_s, sgd_budget, name))
     return result

@@ -38,9 +38,10 @@ def main() -> None:
     shards = [np.arange(s, min(s + args.shard_size, args.m)) for s in range(0, args.m, args.shard_size)]
     print(f"workload: n={args.n}, m={args.m}, {args.runs} runs x {args.steps} steps (b={args.batch}); "
           f"{len(shards)} shards of {args.shard_size} test examples; {os.cpu_count()} cores")
-    sf.SimfluenceLinear(intercept="step", l2=1e-2).fit(runs.select_tests([0]))  # compile the kernels
+    l2 = 1e-2 / (args.runs * args.steps)  # per transition: 1e-2 on the summed squared errors
+    sf.SimfluenceLinear(intercept="step", l2=l2).fit(runs.select_tests([0]))  # compile the kernels
     start = time.perf_counter()
-    sf.SimfluenceLinear(intercept="step", l2=1e-2).fit(runs)
+    sf.SimfluenceLinear(intercept="step", l2=l2).fit(runs)
     single = time.perf_counter() - start
     print(f"one process, solver threads = {os.cpu_count()}: {single:.2f} s ({args.m / single:.0f} test examples/s)")
     results = {"single_process_seconds": single, "shards": len(shards), "dask": {}}
@@ -49,7 +50,7 @@ def main() -> None:
             scattered = client.scatter(runs, broadcast=True)
             start = time.perf_counter()
             parts = client.gather(client.map(_shard_fit, ["simfluence_linear"] * len(shards), [scattered] * len(shards),
-                                             shards, ["step"] * len(shards), [1e-2] * len(shards), pure=False))
+                                             shards, ["step"] * len(shards), [l2] * len(shards), pure=False))
             seconds = time.perf_counter() - start
         sf.SimfluenceLinear.concatenate(parts)
         results["dask"][workers] = seconds

@@ -33,13 +33,16 @@ from simfluence.solvers import (
     RidgeSolution,
     SolverName,
     TransitionProblem,
-    solve_ridge,
+    count_matrix,
+    solve_ridge_path,
 )
 
 FORMAT_VERSION = 1
-# Wide, because the right penalty grows with the number of transitions (R x T): on the demo
-# preset's 38 fitting runs cross-validation chose 1000.
-DEFAULT_L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
+# Penalties per transition, as in simfluence.momentum: the data term is the mean squared error
+# over the R x T one-step transitions, so one grid fits every number of runs (the penalty on
+# the summed squared errors is l2 * R * T). On the demo preset's 38 fitting runs
+# cross-validation chose about 0.7 per transition (1000 on the sum).
+DEFAULT_L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 class SimulatorError(SimfluenceError):
@@ -130,10 +133,17 @@ class Simulator(ABC):
         chunk = max(1, min(R, max_chunk_bytes // (8 * 6 * m)))
         for start in range(0, R, chunk):
             rows = slice(start, min(R, start + chunk))
+            size = rows.stop - rows.start
             loss = initial_loss[rows].astype(dtype)
             out[rows, 0] = loss
+            # counts of every step of the chunk at once, row t * size + r (one sparse build)
+            step_major = count_matrix(np.ascontiguousarray(batches[rows].transpose(1, 0, 2)), self.n_train)
+            data, indices, indptr = step_major.data.astype(dtype), step_major.indices, step_major.indptr
             for t in range(T):
-                alpha, beta = self._coefficients(_step_counts(batches[rows, t], self.n_train, dtype), t, dtype)
+                lo, hi = indptr[t * size], indptr[(t + 1) * size]
+                step_counts = sp.csr_matrix((data[lo:hi], indices[lo:hi], indptr[t * size : (t + 1) * size + 1] - lo),
+                                            shape=(size, self.n_train))
+                alpha, beta = self._coefficients(step_counts, t, dtype)
                 loss = alpha * loss + beta
                 out[rows, t + 1] = loss
         return out
@@ -338,9 +348,10 @@ class SimfluenceLinear(Simulator):
         intercept: ``none``, ``constant`` (one unpenalised alpha0, beta0 per test example),
             ``step`` (one per step and test example; beyond the fitted horizon, the last one's),
             or ``cv`` to choose among the three by cross-validation.
-        l2: positive penalty on A and B, or ``"cv"`` to choose it from ``l2_grid``.
-        l2_b: penalty on B if different from A's (only with a numeric ``l2``).
-        l2_grid: candidate penalties for cross-validation.
+        l2: positive penalty on A and B per transition (the data term is the mean squared
+            error over the one-step transitions), or ``"cv"`` to choose it from ``l2_grid``.
+        l2_b: penalty on B per transition if different from A's.
+        l2_grid: candidate penalties (per transition) for cross-validation.
         cv_folds: folds over whole runs (never over steps of the same run).
         per_test_l2: choose the penalty per test example instead of one global value.
         solver: ``auto``, ``direct`` or ``cg`` (see :mod:`simfluence.solvers`).
@@ -348,8 +359,9 @@ class SimfluenceLinear(Simulator):
         threads: solver threads (None: every core; 1 inside a Dask worker).
 
     Cross-validation scores every candidate by the simulated all-steps MSE on the held-out
-    fold (the metric the simulator is judged by), fitting along the penalty grid from large
-    to small with warm starts. The penalty is global by default: with a handful of folds the
+    fold (the metric the simulator is judged by). Per fold and intercept the whole penalty
+    grid is one exact path (:func:`simfluence.solvers.solve_ridge_path`): what does not depend
+    on the penalty is built once. The penalty is global by default: with a handful of folds the
     per-test-example argmin is noisy and overfits the folds; ``per_test_l2=True`` is offered
     for many runs.
     """
@@ -467,13 +479,9 @@ class SimfluenceLinear(Simulator):
         for fit_index, val_index in runs.run_folds(self.cv_folds, self.seed):
             fitting, validation = runs.select_runs(fit_index), runs.select_runs(val_index)
             for a, intercept in enumerate(intercepts):
-                problem = TransitionProblem.from_runs(fitting, self.base, intercept)
-                warm = None
-                for g, l2 in enumerate(grid):
-                    l2_b = l2 if self.l2_b is None else self.l2_b
-                    warm = solve_ridge(problem, l2, l2_b, use_a=self.use_a, use_b=self.use_b,
-                                       solver=self.solver, warm_start=warm, threads=self.threads)
-                    probe._set_solution(warm)
+                path = self._solve(fitting, intercept, grid)
+                for g, solution in enumerate(path):
+                    probe._set_solution(solution)
                     pred = probe.simulate(validation.batches, validation.initial_loss)
                     errors[a, g] += ((pred[:, 1:] - validation.losses[:, 1:]) ** 2).sum(axis=(0, 1))
         return errors / (runs.n_runs * runs.n_steps)
@@ -497,11 +505,19 @@ class SimfluenceLinear(Simulator):
         self.n_train, self.test_ids = runs.n_train, runs.test_ids.copy()
         self.fitted_intercept = intercept
         self.fitted_l2 = np.broadcast_to(np.asarray(l2, dtype=np.float64), (runs.n_tests,)).copy()
-        l2_b = self.fitted_l2 if self.l2_b is None else self.l2_b
-        problem = TransitionProblem.from_runs(runs, self.base, intercept)
-        self._set_solution(solve_ridge(problem, self.fitted_l2, l2_b, use_a=self.use_a, use_b=self.use_b,
-                                       solver=self.solver, threads=self.threads))
+        self._set_solution(self._solve(runs, intercept, [self.fitted_l2])[0])
         return self
+
+    def _solve(self, runs: RunSet, intercept: Intercept, path: list[float | np.ndarray]) -> list[RidgeSolution]:
+        """The exact solutions on ``runs`` at each per-transition penalty of ``path`` (scalars
+        or ``float[m]``; B's is ``l2_b`` when set): the penalties on the summed squared errors
+        are these times the number of transitions R x T."""
+        transitions = runs.n_runs * runs.n_steps
+        problem = TransitionProblem.from_runs(runs, self.base, intercept)
+        l2_a = [np.asarray(l2, dtype=np.float64) * transitions for l2 in path]
+        l2_b = l2_a if self.l2_b is None else [self.l2_b * transitions] * len(path)
+        return solve_ridge_path(problem, l2_a, l2_b, use_a=self.use_a, use_b=self.use_b, solver=self.solver,
+                                threads=self.threads)
 
     def refit(self, runs: RunSet) -> SimfluenceLinear:
         return type(self).from_hyperparameters(self.hyperparameters()).fit_with(

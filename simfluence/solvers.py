@@ -23,6 +23,10 @@ solvers, chosen automatically by a cost estimate:
 - ``cg``: preconditioned conjugate gradients on the normal equations, batched over all test
   examples, matrix-free through the sparse count matrix. The preconditioner is the exact
   2 x 2 block of each training example (its A and B features are nearly collinear).
+
+A grid of penalties is one path (:func:`solve_ridge_path`): the penalty-free structure is built
+once, and on ``cg`` a path whose A and B penalties agree is solved by multi-shift CG (one
+Krylov sequence for every penalty). :func:`solve_ridge` is the path of one penalty.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -139,44 +144,81 @@ def solve_ridge(
     threads: int | None = None,
     shard_size: int = 128,
 ) -> RidgeSolution:
-    """Solve the ridge problem exactly for every test example.
+    """Solve the ridge problem exactly for every test example at one penalty: the penalty
+    path (:func:`solve_ridge_path`) of length one. Arguments as there, for one penalty."""
+    return solve_ridge_path(problem, [l2_a], [l2_b], use_a=use_a, use_b=use_b, solver=solver, tol=tol,
+                            max_iter=max_iter, warm_starts=[warm_start], threads=threads, shard_size=shard_size)[0]
+
+
+def solve_ridge_path(
+    problem: TransitionProblem,
+    l2_a: Sequence[float | np.ndarray],
+    l2_b: Sequence[float | np.ndarray],
+    *,
+    use_a: bool = True,
+    use_b: bool = True,
+    solver: SolverName = "auto",
+    tol: float = 1e-8,
+    max_iter: int = 2000,
+    warm_starts: Sequence[RidgeSolution | None] | None = None,
+    threads: int | None = None,
+    shard_size: int = 128,
+) -> list[RidgeSolution]:
+    """Solve the ridge problem exactly for every test example at every penalty of a path.
+
+    Everything that does not depend on the penalty is built once per shard of test examples
+    and shared by the whole path: the intercept projection, the right-hand sides, and either
+    the Gram matrices (``direct``: one batched solve per penalty against the same Gram) or the
+    data part of the preconditioner (``cg``: each penalty is started from the previous
+    penalty's solution, so order the path from large to small penalties). Each solution is
+    the one :func:`solve_ridge` gives at that penalty alone (to the CG tolerance).
 
     Test examples are independent problems; they are solved in shards of ``shard_size``
-    columns (cache-sized), in parallel on ``threads`` threads (default: every core).
+    columns (cache-sized), in parallel on ``threads`` threads (default: every core), each
+    shard walking the whole path.
 
     Args:
         problem: transitions of the fitting runs.
-        l2_a, l2_b: positive penalties on A and B, scalars or ``float[m]`` (one per test example).
+        l2_a, l2_b: the path, as equally long sequences of positive penalties on A and on B
+            (on the sum of squared errors over transitions), each a scalar or ``float[m]`` (one
+            per test example).
         use_a, use_b: which blocks the model has (Additive: no A; Multiplicative: no B).
         solver: ``direct``, ``cg`` or ``auto`` (the cheaper by a flop estimate).
         tol: CG stopping tolerance on each test example's relative residual norm of the normal
             equations (1e-8 gives parameters to about 1e-7 relative on the reference problems).
-        max_iter: CG iteration cap; reaching it raises.
-        warm_start: a previous solution to start CG from (used along a penalty path).
+        max_iter: CG iteration cap per penalty; reaching it raises.
+        warm_starts: per penalty, a solution to start CG from instead of the previous
+            penalty's (``None`` entries: the previous penalty's; zeros for the first).
         threads: worker threads (None: ``os.cpu_count()``).
         shard_size: test examples per shard.
+
+    Returns:
+        One :class:`RidgeSolution` per penalty, in the order given.
     """
     if not (use_a or use_b):
         raise SolverError("the model needs at least one of the A and B blocks")
+    if len(l2_a) != len(l2_b) or not len(l2_a):
+        raise SolverError(f"l2_a and l2_b must be equally long, non-empty paths, got {len(l2_a)} and {len(l2_b)}")
     m = problem.shape[2]
-    lam_a = _penalty(l2_a, m, "l2_a") if use_a else None
-    lam_b = _penalty(l2_b, m, "l2_b") if use_b else None
+    lams_a = [_penalty(v, m, "l2_a") if use_a else None for v in l2_a]
+    lams_b = [_penalty(v, m, "l2_b") if use_b else None for v in l2_b]
+    warm_starts = list(warm_starts) if warm_starts is not None else [None] * len(lams_a)
+    if len(warm_starts) != len(lams_a):
+        raise SolverError(f"warm_starts must have one entry per penalty ({len(lams_a)}), got {len(warm_starts)}")
     if solver == "auto":
         solver = choose_solver(problem, use_a, use_b)
     if solver not in ("direct", "cg"):
         raise SolverError(f"solver must be 'auto', 'direct' or 'cg', got {solver!r}")
     shards = [slice(s, min(m, s + shard_size)) for s in range(0, m, shard_size)]
 
-    def solve_shard(cols: slice) -> RidgeSolution:
-        warm = None
-        if warm_start is not None:
-            warm = RidgeSolution(*(None if a is None else a[:, cols] for a in
-                                   (warm_start.A, warm_start.B, warm_start.alpha0, warm_start.beta0)),
-                                 warm_start.iterations, warm_start.solver)
-        return _solve_shard(
+    def solve_shard(cols: slice) -> list[RidgeSolution]:
+        warm = [None if w is None else RidgeSolution(
+            *(None if a is None else a[:, cols] for a in (w.A, w.B, w.alpha0, w.beta0)), w.iterations, w.solver)
+            for w in warm_starts]
+        return _solve_shard_path(
             problem.select_tests(cols),
-            None if lam_a is None else lam_a[cols],
-            None if lam_b is None else lam_b[cols],
+            [None if lam is None else lam[cols] for lam in lams_a],
+            [None if lam is None else lam[cols] for lam in lams_b],
             solver, tol, max_iter, warm,
         )
 
@@ -187,32 +229,43 @@ def solve_ridge(
     else:
         parts = [solve_shard(cols) for cols in shards]
 
-    def join(name: str) -> np.ndarray | None:
-        arrays = [getattr(part, name) for part in parts]
+    def join(p: int, name: str) -> np.ndarray | None:
+        arrays = [getattr(part[p], name) for part in parts]
         return None if arrays[0] is None else np.concatenate(arrays, axis=1)
 
-    iterations = max(part.iterations for part in parts)
-    return RidgeSolution(join("A"), join("B"), join("alpha0"), join("beta0"), iterations, solver)
+    return [RidgeSolution(join(p, "A"), join(p, "B"), join(p, "alpha0"), join(p, "beta0"),
+                          max(part[p].iterations for part in parts), solver) for p in range(len(lams_a))]
 
 
-def _solve_shard(
+def _solve_shard_path(
     problem: TransitionProblem,
-    lam_a: np.ndarray | None,
-    lam_b: np.ndarray | None,
+    lams_a: list[np.ndarray | None],
+    lams_b: list[np.ndarray | None],
     solver: str,
     tol: float,
     max_iter: int,
-    warm_start: RidgeSolution | None,
-) -> RidgeSolution:
+    warm_starts: list[RidgeSolution | None],
+) -> list[RidgeSolution]:
     projector = GroupProjector(problem.prev, problem.intercept)
     if solver == "direct":
-        A, B = _solve_direct(problem, projector, lam_a, lam_b)
-        iterations = 0
+        blocks = [(A, B, 0) for A, B in _solve_direct(problem, projector, lams_a, lams_b)]
     else:
-        A, B, iterations = _solve_cg(problem, projector, lam_a, lam_b, tol, max_iter, warm_start)
-    residual = problem.target - _apply_design(problem, A, B)
-    alpha0, beta0 = projector.intercepts(residual)
-    return RidgeSolution(A, B, alpha0, beta0, iterations, solver)
+        system = _CGSystem(problem, projector, lams_a[0] is not None, lams_b[0] is not None)
+        isotropic = all(a is None or b is None or np.array_equal(a, b) for a, b in zip(lams_a, lams_b))
+        if len(lams_a) > 1 and isotropic and all(w is None for w in warm_starts):
+            blocks = system.solve_shifts([b if a is None else a for a, b in zip(lams_a, lams_b)], tol, max_iter)
+        else:
+            blocks, previous = [], None
+            for lam_a, lam_b, warm in zip(lams_a, lams_b, warm_starts):
+                A, B, iterations = system.solve(lam_a, lam_b, tol, max_iter, warm if warm is not None else previous)
+                previous = RidgeSolution(A, B, None, None, iterations, solver)
+                blocks.append((A, B, iterations))
+    out = []
+    for A, B, iterations in blocks:
+        residual = problem.target - _apply_design(problem, A, B)
+        alpha0, beta0 = projector.intercepts(residual)
+        out.append(RidgeSolution(A, B, alpha0, beta0, iterations, solver))
+    return out
 
 
 def choose_solver(problem: TransitionProblem, use_a: bool, use_b: bool) -> Literal["direct", "cg"]:
@@ -351,69 +404,168 @@ def _outputs(n: int, m: int, use_a: bool, use_b: bool) -> tuple[np.ndarray, np.n
     return np.empty((n, m) if use_a else (0, m)), np.empty((n, m) if use_b else (0, m))
 
 
-def _solve_cg(
-    problem: TransitionProblem,
-    projector: GroupProjector,
-    lam_a: np.ndarray | None,
-    lam_b: np.ndarray | None,
-    tol: float,
-    max_iter: int,
-    warm_start: RidgeSolution | None,
-) -> tuple[np.ndarray | None, np.ndarray | None, int]:
-    use_a, use_b = lam_a is not None, lam_b is not None
-    n, m = problem.n_train, problem.shape[2]
+class _CGSystem:
+    """The penalty-free part of the normal equations of one shard, for conjugate gradients at
+    any penalty: the right-hand side X^T M y and the data part of the block-Jacobi
+    preconditioner (each training example's 2 x 2 (A_i, B_i) block of X^T X)."""
 
-    def normal_op(A, B):
-        ga, gb = _normal_product(problem, projector, A, B)
-        if use_a:
-            ga += lam_a * A
-        if use_b:
-            gb += lam_b * B
-        return ga, gb
+    def __init__(self, problem: TransitionProblem, projector: GroupProjector, use_a: bool, use_b: bool) -> None:
+        R, T, m = problem.shape
+        self.problem, self.projector, self.use_a, self.use_b = problem, projector, use_a, use_b
+        self.rhs_a, self.rhs_b = _apply_design_transpose(problem, projector.apply(problem.target), use_a, use_b)
+        rhs_norm = np.sqrt(_col_dot(self.rhs_a, self.rhs_a, self.rhs_b, self.rhs_b))
+        self.rhs_norm = np.where(rhs_norm == 0, 1.0, rhs_norm)
+        sq_counts_t = problem.counts_t.multiply(problem.counts_t).tocsr()
+        prev = problem.prev.reshape(R * T, m)
+        self.h_bb = np.asarray(sq_counts_t.sum(axis=1)).reshape(-1, 1)
+        self.h_aa = sq_counts_t @ (prev * prev) if use_a else None
+        self.h_ab = sq_counts_t @ prev if use_a and use_b else None
 
-    rhs_a, rhs_b = _apply_design_transpose(problem, projector.apply(problem.target), use_a, use_b)
-    precond = _BlockJacobi(problem, lam_a, lam_b)
-    if warm_start is not None:
-        A = None if not use_a else warm_start.A.copy()
-        B = None if not use_b else warm_start.B.copy()
-    else:
-        A = np.zeros((n, m)) if use_a else None
-        B = np.zeros((n, m)) if use_b else None
-    ha, hb = normal_op(A, B)
-    ra = rhs_a - ha if use_a else None
-    rb = rhs_b - hb if use_b else None
-    rhs_norm = np.sqrt(_col_dot(rhs_a, rhs_a, rhs_b, rhs_b))
-    rhs_norm[rhs_norm == 0] = 1.0
-    za, zb = precond(ra, rb)
-    pa = None if za is None else za.copy()
-    pb = None if zb is None else zb.copy()
-    rz = _col_dot(ra, za, rb, zb)
-    for iteration in range(1, max_iter + 1):
-        res = np.sqrt(_col_dot(ra, ra, rb, rb)) / rhs_norm
-        if np.all(res <= tol):
-            return A, B, iteration - 1
-        qa, qb = normal_op(pa, pb)
-        pq = _col_dot(pa, qa, pb, qb)
-        step = np.divide(rz, pq, out=np.zeros_like(rz), where=pq > 0)
-        if use_a:
-            A += step * pa
-            ra -= step * qa
-        if use_b:
-            B += step * pb
-            rb -= step * qb
+    def _preconditioner(self, lam_a: np.ndarray | None, lam_b: np.ndarray | None):
+        """The inverse of each training example's 2 x 2 block of X^T X + L, as a function."""
+        if self.use_a and self.use_b:
+            h_aa, h_bb = self.h_aa + lam_a, self.h_bb + lam_b
+            det = h_aa * h_bb - self.h_ab * self.h_ab
+            inv_aa, inv_bb, inv_ab = h_bb / det, h_aa / det, -self.h_ab / det
+            return lambda ra, rb: (inv_aa * ra + inv_ab * rb, inv_ab * ra + inv_bb * rb)
+        if self.use_a:
+            inv_aa = 1.0 / (self.h_aa + lam_a)
+            return lambda ra, rb: (inv_aa * ra, None)
+        inv_bb = 1.0 / (self.h_bb + lam_b)
+        return lambda ra, rb: (None, inv_bb * rb)
+
+    def solve(
+        self,
+        lam_a: np.ndarray | None,
+        lam_b: np.ndarray | None,
+        tol: float,
+        max_iter: int,
+        start: RidgeSolution | None,
+    ) -> tuple[np.ndarray | None, np.ndarray | None, int]:
+        """(A, B, iterations) at penalties ``float[m]`` by preconditioned CG from ``start``."""
+        use_a, use_b = self.use_a, self.use_b
+        n, m = self.problem.n_train, self.problem.shape[2]
+
+        def normal_op(A, B):
+            ga, gb = _normal_product(self.problem, self.projector, A, B)
+            if use_a:
+                ga += lam_a * A
+            if use_b:
+                gb += lam_b * B
+            return ga, gb
+
+        precond = self._preconditioner(lam_a, lam_b)
+        if start is not None:
+            A = start.A.copy() if use_a else None
+            B = start.B.copy() if use_b else None
+        else:
+            A = np.zeros((n, m)) if use_a else None
+            B = np.zeros((n, m)) if use_b else None
+        ha, hb = normal_op(A, B)
+        ra = self.rhs_a - ha if use_a else None
+        rb = self.rhs_b - hb if use_b else None
         za, zb = precond(ra, rb)
-        rz_new = _col_dot(ra, za, rb, zb)
-        beta = np.divide(rz_new, rz, out=np.zeros_like(rz), where=rz > 0)
-        rz = rz_new
-        if use_a:
-            pa = za + beta * pa
-        if use_b:
-            pb = zb + beta * pb
-    worst = float(np.max(np.sqrt(_col_dot(ra, ra, rb, rb)) / rhs_norm))
-    raise SolverError(
-        f"conjugate gradients did not reach tolerance {tol:g} in {max_iter} iterations "
-        f"(worst relative residual {worst:.3g}); raise the penalty or use solver='direct'"
-    )
+        pa = None if za is None else za.copy()
+        pb = None if zb is None else zb.copy()
+        rz = _col_dot(ra, za, rb, zb)
+        for iteration in range(1, max_iter + 1):
+            res = np.sqrt(_col_dot(ra, ra, rb, rb)) / self.rhs_norm
+            if np.all(res <= tol):
+                return A, B, iteration - 1
+            qa, qb = normal_op(pa, pb)
+            pq = _col_dot(pa, qa, pb, qb)
+            step = np.divide(rz, pq, out=np.zeros_like(rz), where=pq > 0)
+            if use_a:
+                A += step * pa
+                ra -= step * qa
+            if use_b:
+                B += step * pb
+                rb -= step * qb
+            za, zb = precond(ra, rb)
+            rz_new = _col_dot(ra, za, rb, zb)
+            beta = np.divide(rz_new, rz, out=np.zeros_like(rz), where=rz > 0)
+            rz = rz_new
+            if use_a:
+                pa = za + beta * pa
+            if use_b:
+                pb = zb + beta * pb
+        worst = float(np.max(np.sqrt(_col_dot(ra, ra, rb, rb)) / self.rhs_norm))
+        raise SolverError(
+            f"conjugate gradients did not reach tolerance {tol:g} in {max_iter} iterations "
+            f"(worst relative residual {worst:.3g}); raise the penalty or use solver='direct'"
+        )
+
+
+    def solve_shifts(
+        self, lams: list[np.ndarray], tol: float, max_iter: int
+    ) -> list[tuple[np.ndarray | None, np.ndarray | None, int]]:
+        """(A, B, iterations) at every penalty of ``lams`` (each ``float[m]``, the same on A
+        and B) from one Krylov sequence: multi-shift conjugate gradients from zero.
+
+        (X^T M X + lam I) x = b for every lam shares the Krylov space of the smallest penalty
+        (a shift of the identity leaves it unchanged), so one operator product per iteration
+        serves the whole path; each penalty's residual is a known multiple (zeta) of the base
+        residual and stops when it reaches ``tol``. Preconditioning would break the shift
+        structure; unpreconditioned CG needs somewhat more iterations than block-Jacobi PCG at
+        one penalty but the path costs about as much as its smallest penalty alone.
+        """
+        use_a, use_b = self.use_a, self.use_b
+        base = np.min(lams, axis=0)
+        shifts = [lam - base for lam in lams]
+
+        def op(v):
+            ga, gb = _normal_product(self.problem, self.projector, v[0], v[1])
+            return [None if g is None else g + base * x for g, x in ((ga, v[0]), (gb, v[1]))]
+
+        def dot(u, v):
+            return _col_dot(u[0], v[0], u[1], v[1])
+
+        b = [self.rhs_a if use_a else None, self.rhs_b if use_b else None]
+        r = [None if x is None else x.copy() for x in b]
+        p = [None if x is None else x.copy() for x in b]
+        xs = [[None if x is None else np.zeros_like(x) for x in b] for _ in shifts]
+        ps = [[None if x is None else x.copy() for x in b] for _ in shifts]
+        zeta = [np.ones_like(base) for _ in shifts]
+        zeta_old = [np.ones_like(base) for _ in shifts]
+        done = [0] * len(shifts)  # iteration at which each penalty converged (0: not yet)
+        alpha_old, beta_old = np.ones_like(base), np.zeros_like(base)
+        rr = dot(r, r)
+        for iteration in range(1, max_iter + 1):
+            q = op(p)
+            pq = dot(p, q)
+            alpha = np.divide(rr, pq, out=np.zeros_like(rr), where=pq > 0)
+            for k, x in enumerate(r):
+                if x is not None:
+                    x -= alpha * q[k]
+            rr_new = dot(r, r)
+            beta = np.divide(rr_new, rr, out=np.zeros_like(rr), where=rr > 0)
+            res = np.sqrt(rr_new) / self.rhs_norm
+            for s, sigma in enumerate(shifts):
+                if done[s]:
+                    continue
+                denom = alpha * beta_old * (zeta_old[s] - zeta[s]) + zeta_old[s] * alpha_old * (1 + sigma * alpha)
+                zeta_new = np.divide(zeta[s] * zeta_old[s] * alpha_old, denom, out=np.zeros_like(denom),
+                                     where=denom != 0)
+                ratio = np.divide(zeta_new, zeta[s], out=np.zeros_like(denom), where=zeta[s] != 0)
+                for k in range(2):
+                    if xs[s][k] is not None:
+                        xs[s][k] += (alpha * ratio) * ps[s][k]
+                        ps[s][k] *= beta * ratio * ratio
+                        ps[s][k] += zeta_new * r[k]
+                zeta_old[s], zeta[s] = zeta[s], zeta_new
+                if np.all(np.abs(zeta_new) * res <= tol):
+                    done[s] = iteration
+            if all(done):
+                return [(x[0], x[1], it) for x, it in zip(xs, done)]
+            for k in range(2):
+                if p[k] is not None:
+                    p[k] *= beta
+                    p[k] += r[k]
+            rr, alpha_old, beta_old = rr_new, alpha, beta
+        raise SolverError(
+            f"conjugate gradients did not reach tolerance {tol:g} in {max_iter} iterations at every penalty "
+            f"of the path; raise the penalties or use solver='direct'"
+        )
 
 
 def _col_dot(xa, ya, xb, yb) -> np.ndarray:
@@ -426,41 +578,18 @@ def _col_dot(xa, ya, xb, yb) -> np.ndarray:
     return total
 
 
-class _BlockJacobi:
-    """Inverse of each training example's exact 2 x 2 (A_i, B_i) diagonal block of X^T X + L."""
-
-    def __init__(self, problem: TransitionProblem, lam_a, lam_b) -> None:
-        R, T, m = problem.shape
-        sq_counts_t = problem.counts_t.multiply(problem.counts_t).tocsr()
-        prev = problem.prev.reshape(R * T, m)
-        self.use_a, self.use_b = lam_a is not None, lam_b is not None
-        h_bb = np.asarray(sq_counts_t.sum(axis=1)).reshape(-1, 1) + (lam_b if self.use_b else 0.0)
-        h_aa = sq_counts_t @ (prev * prev) + (lam_a if self.use_a else 0.0)
-        h_ab = sq_counts_t @ prev
-        if self.use_a and self.use_b:
-            det = h_aa * h_bb - h_ab * h_ab
-            self.inv_aa, self.inv_bb, self.inv_ab = h_bb / det, h_aa / det, -h_ab / det
-        else:
-            self.inv_aa, self.inv_bb = 1.0 / h_aa, 1.0 / h_bb
-
-    def __call__(self, ra, rb):
-        if self.use_a and self.use_b:
-            return self.inv_aa * ra + self.inv_ab * rb, self.inv_ab * ra + self.inv_bb * rb
-        if self.use_a:
-            return self.inv_aa * ra, None
-        return None, self.inv_bb * rb
-
-
 def _solve_direct(
     problem: TransitionProblem,
     projector: GroupProjector,
-    lam_a: np.ndarray | None,
-    lam_b: np.ndarray | None,
+    lams_a: list[np.ndarray | None],
+    lams_b: list[np.ndarray | None],
     max_chunk_bytes: int = 256 * 2**20,
-) -> tuple[np.ndarray | None, np.ndarray | None]:
+) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
+    """(A, B) at every penalty of the path: the penalty-free Gram matrices of a chunk of test
+    examples are built once and solved against with each penalty added to their diagonal."""
     R, T, m = problem.shape
     n = problem.n_train
-    use_a, use_b = lam_a is not None, lam_b is not None
+    use_a, use_b = lams_a[0] is not None, lams_b[0] is not None
     blocks = int(use_a) + int(use_b)
     pairs_t = _pair_count_matrix(problem.batches, n).T.tocsr()  # [n*n, R*T]
     shared_bb = np.asarray(pairs_t.sum(axis=1)).reshape(n, n)
@@ -469,8 +598,9 @@ def _solve_direct(
     rhs_a, rhs_b = _apply_design_transpose(problem, projector.apply(problem.target), use_a, use_b)
     rhs = np.concatenate([r for r in (rhs_a, rhs_b) if r is not None], axis=0)  # [blocks*n, m]
     width = blocks * n
-    chunk = max(1, min(m, max_chunk_bytes // (8 * (3 * width * width + 2 * n * n))))
-    solution = np.empty((width, m))
+    chunk = max(1, min(m, max_chunk_bytes // (8 * (4 * width * width + 2 * n * n))))
+    solutions = [np.empty((width, m)) for _ in lams_a]
+    diag = np.arange(width)
     for start in range(0, m, chunk):
         cols = slice(start, min(m, start + chunk))
         d = prev[:, cols]
@@ -487,15 +617,15 @@ def _solve_direct(
         if group_counts is not None:
             u = _intercept_cross_terms(problem, projector, group_counts, cols, use_a, use_b)
             gram -= u @ u.transpose(0, 2, 1)
-        diag = np.arange(width)
-        if use_a:
-            gram[:, diag[:n], diag[:n]] += lam_a[cols, None]
-        if use_b:
-            gram[:, diag[width - n :], diag[width - n :]] += lam_b[cols, None]
-        solution[:, cols] = np.linalg.solve(gram, rhs[:, cols].T[:, :, None])[:, :, 0].T
-    A = solution[:n] if use_a else None
-    B = solution[width - n :] if use_b else None
-    return A, B
+        rhs_chunk = rhs[:, cols].T[:, :, None]
+        for solution, lam_a, lam_b in zip(solutions, lams_a, lams_b):
+            penalised = gram.copy()
+            if use_a:
+                penalised[:, diag[:n], diag[:n]] += lam_a[cols, None]
+            if use_b:
+                penalised[:, diag[width - n :], diag[width - n :]] += lam_b[cols, None]
+            solution[:, cols] = np.linalg.solve(penalised, rhs_chunk)[:, :, 0].T
+    return [(solution[:n] if use_a else None, solution[width - n :] if use_b else None) for solution in solutions]
 
 
 def _unflatten(flat: np.ndarray, n: int) -> np.ndarray:

@@ -7,6 +7,7 @@ import pytest
 
 import simfluence as sf
 from simfluence.simulators import LinearParameters
+from simfluence.solvers import count_matrix
 from simfluence.synthetic import linear_runs, redundancy_runs
 
 
@@ -51,14 +52,14 @@ def test_linear_beats_additive_on_redundancy(redundancy):
 
 def test_cross_validation_picks_from_the_grid_and_records_scores(redundancy):
     fitting, _ = redundancy
-    simulator = sf.SimfluenceLinear(intercept="cv", l2_grid=(1e-3, 1e-1, 10.0), cv_folds=3).fit(fitting)
+    simulator = sf.SimfluenceLinear(intercept="cv", l2_grid=(1e-6, 1e-4, 1e-2), cv_folds=3).fit(fitting)
     assert simulator.fitted_intercept in ("none", "constant", "step")
-    assert simulator.fitted_l2[0] in (1e-3, 1e-1, 10.0)
+    assert simulator.fitted_l2[0] in (1e-6, 1e-4, 1e-2)
     assert set(simulator.cv_scores) == {"none", "constant", "step"}
     best = min(min(v) for v in simulator.cv_scores.values())
     assert min(simulator.cv_scores[simulator.fitted_intercept]) == best
-    per_test = sf.SimfluenceLinear(l2_grid=(1e-3, 1e-1, 10.0), cv_folds=3, per_test_l2=True).fit(fitting)
-    assert set(np.unique(per_test.fitted_l2)) <= {1e-3, 1e-1, 10.0}
+    per_test = sf.SimfluenceLinear(l2_grid=(1e-6, 1e-4, 1e-2), cv_folds=3, per_test_l2=True).fit(fitting)
+    assert set(np.unique(per_test.fitted_l2)) <= {1e-6, 1e-4, 1e-2}
 
 
 def test_baselines():
@@ -193,13 +194,13 @@ def test_gradient_checkpoints_validate_and_round_trip(tmp_path):
 
 def test_sharded_fit_equals_the_whole_fit(redundancy):
     fitting, heldout = redundancy
-    whole = sf.SimfluenceLinear(intercept="cv", l2_grid=(1e-3, 1e-1, 10.0), cv_folds=3).fit(fitting)
+    whole = sf.SimfluenceLinear(intercept="cv", l2_grid=(1e-6, 1e-4, 1e-2), cv_folds=3).fit(fitting)
     shards = [np.arange(0, 12), np.arange(12, 30)]
-    chooser = sf.SimfluenceLinear(intercept="cv", l2_grid=(1e-3, 1e-1, 10.0), cv_folds=3)
+    chooser = sf.SimfluenceLinear(intercept="cv", l2_grid=(1e-6, 1e-4, 1e-2), cv_folds=3)
     errors = np.concatenate([chooser.cross_validation_errors(fitting.select_tests(s)) for s in shards], axis=2)
     intercept, l2 = chooser.choose(errors)
     assert (intercept, l2) == (whole.fitted_intercept, whole.fitted_l2[0])
-    parts = [sf.SimfluenceLinear(intercept="cv", l2_grid=(1e-3, 1e-1, 10.0), cv_folds=3, threads=1)
+    parts = [sf.SimfluenceLinear(intercept="cv", l2_grid=(1e-6, 1e-4, 1e-2), cv_folds=3, threads=1)
              .fit_with(fitting.select_tests(s), intercept, l2) for s in shards]
     joined = sf.SimfluenceLinear.concatenate(parts)
     np.testing.assert_allclose(joined.simulate(heldout.batches, heldout.initial_loss),
@@ -207,10 +208,50 @@ def test_sharded_fit_equals_the_whole_fit(redundancy):
     assert joined.test_ids.tolist() == list(range(30))
 
 
+def _additive_runs(n: int, m: int, runs: int, steps: int, b: int, scale: float, noise: float, seed: int) -> sf.RunSet:
+    """Runs of L_t = L_{t-1} + sum_{i in c_t} B_i + noise * N(0, 1) with B ~ N(0, scale^2)."""
+    rng = np.random.default_rng(seed)
+    B = rng.normal(0.0, scale, (n, m))
+    batches = sf.curricula.uniform(n, runs, steps, b, seed=seed + 1)
+    counts = count_matrix(batches, n)
+    losses = np.empty((runs, steps + 1, m))
+    losses[:, 0] = rng.uniform(1.0, 3.0, (runs, m))
+    for t in range(steps):
+        losses[:, t + 1] = losses[:, t] + counts[np.arange(runs) * steps + t] @ B + noise * rng.standard_normal((runs, m))
+    return sf.RunSet(batches, losses, n_train=n)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cross_validation_picks_the_known_best_penalty(seed):
+    """With B ~ N(0, s^2) and noise sigma, the posterior mean (the best predictor of every loss,
+    each linear in B) is ridge with penalty sigma^2 / s^2 on the summed squared errors: on a fold
+    of R_fold x T transitions, sigma^2 / (s^2 R_fold T) per transition. Cross-validation must
+    pick it from a grid of decades around it (few appearances per example, so it matters)."""
+    runs = _additive_runs(200, 50, 30, 10, 4, scale=0.01, noise=0.01, seed=seed)
+    best = (0.01 / 0.01) ** 2 / (20 * 10)  # 3 folds: 20 fitting runs of 10 transitions
+    grid = tuple(best * 10.0**k for k in range(-2, 3))
+    simulator = sf.SimfluenceAdditive(intercept="none", l2="cv", l2_grid=grid, cv_folds=3).fit(runs)
+    assert simulator.fitted_l2[0] == pytest.approx(best, rel=1e-12)
+    scores = simulator.cv_scores["none"]  # large to small penalties
+    assert scores[2] < 0.8 * min(scores[1], scores[3])
+
+
+def test_penalty_is_per_transition(redundancy):
+    """The same per-transition penalty on twice the runs is twice the penalty on the summed
+    squared errors: fitting the runs duplicated gives the same parameters."""
+    fitting, _ = redundancy
+    once = sf.SimfluenceLinear(intercept="step", l2=1e-3, solver="direct").fit(fitting)
+    doubled = sf.RunSet(np.concatenate([fitting.batches] * 2), np.concatenate([fitting.losses] * 2),
+                        n_train=fitting.n_train)
+    twice = sf.SimfluenceLinear(intercept="step", l2=1e-3, solver="direct").fit(doubled)
+    np.testing.assert_allclose(twice.A, once.A, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(twice.B, once.B, rtol=1e-8, atol=1e-12)
+
+
 def test_cross_validation_warns_at_the_edge_of_the_grid(redundancy):
     fitting, _ = redundancy
     with pytest.warns(UserWarning, match="at the edge of l2_grid"):
-        sf.SimfluenceLinear(intercept="step", l2_grid=(1e3, 1e4), cv_folds=3).fit(fitting)
+        sf.SimfluenceLinear(intercept="step", l2_grid=(1.0, 10.0), cv_folds=3).fit(fitting)
 
 
 def test_fitted_parameters_are_a_value_with_explicit_blocks(tmp_path):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from simfluence.solvers import SolverError, TransitionProblem, dense_reference_solve, solve_ridge
+from simfluence.solvers import SolverError, TransitionProblem, dense_reference_solve, solve_ridge, solve_ridge_path
 from simfluence.synthetic import linear_runs
 
 VARIANTS = {"linear": (True, True), "additive": (False, True), "multiplicative": (True, False)}
@@ -73,6 +73,55 @@ def test_warm_start_and_sharding_do_not_change_the_answer(noisy_runs):
     start = solve_ridge(problem, 1.0, 1.0, solver="cg", tol=1e-12)
     warm = solve_ridge(problem, 0.01, 0.01, solver="cg", tol=1e-12, warm_start=start, shard_size=2, threads=2)
     assert _max_rel(warm.A, cold.A) < 1e-8 and _max_rel(warm.B, cold.B) < 1e-8
+
+
+PATH = [10.0, 1.0, 0.1, 0.01]
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+@pytest.mark.parametrize("intercept", ["none", "constant", "step"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_penalty_path_equals_separate_solves(noisy_runs, solver, intercept, variant):
+    """One path (one build of the penalty-free structure; multi-shift CG on the CG path) gives
+    the solution of a separate solve at each penalty, intercepts included."""
+    use_a, use_b = VARIANTS[variant]
+    problem = TransitionProblem.from_runs(noisy_runs, 1.0, intercept)
+    path = solve_ridge_path(problem, PATH, PATH, use_a=use_a, use_b=use_b, solver=solver, tol=1e-13)
+    assert len(path) == len(PATH)
+    for l2, solution in zip(PATH, path):
+        alone = solve_ridge(problem, l2, l2, use_a=use_a, use_b=use_b, solver=solver, tol=1e-13)
+        for name in ("A", "B", "alpha0", "beta0"):
+            got, expected = getattr(solution, name), getattr(alone, name)
+            assert (got is None) == (expected is None)
+            if expected is not None:
+                assert _max_rel(got, expected) < 1e-8, (l2, name)
+    if solver == "cg" and intercept == "step" and variant == "linear":
+        # the CG path against the direct path: two independent algorithms agree
+        direct = solve_ridge_path(problem, PATH, PATH, solver="direct")
+        for solution, reference in zip(path, direct):
+            assert _max_rel(solution.A, reference.A) < 1e-8 and _max_rel(solution.B, reference.B) < 1e-8
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+def test_penalty_path_with_separate_b_penalties_and_per_test_penalties(noisy_runs, solver):
+    """Paths whose A and B penalties differ (warm-started PCG along the path) or vary by test
+    example equal separate solves too."""
+    problem = TransitionProblem.from_runs(noisy_runs, 1.0, "step")
+    per_test = np.linspace(0.05, 2.0, noisy_runs.n_tests)
+    l2_a = [1.0, 0.1, per_test]
+    l2_b = [0.3, 0.3, per_test]
+    path = solve_ridge_path(problem, l2_a, l2_b, solver=solver, tol=1e-13)
+    for a, b, solution in zip(l2_a, l2_b, path):
+        alone = solve_ridge(problem, a, b, solver=solver, tol=1e-13)
+        assert _max_rel(solution.A, alone.A) < 1e-8 and _max_rel(solution.B, alone.B) < 1e-8
+
+
+def test_penalty_path_is_checked(noisy_runs):
+    problem = TransitionProblem.from_runs(noisy_runs, 1.0, "none")
+    with pytest.raises(SolverError, match="equally long"):
+        solve_ridge_path(problem, [1.0, 0.1], [1.0])
+    with pytest.raises(SolverError, match="l2_b must be positive"):
+        solve_ridge_path(problem, [1.0, 0.1], [1.0, 0.0])
 
 
 def test_per_test_penalties(noisy_runs):
