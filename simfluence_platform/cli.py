@@ -452,7 +452,7 @@ def cmd_report(args: argparse.Namespace) -> dict:
 
 
 def _add_whatif(sub: argparse._SubParsersAction) -> None:
-    from simfluence.curricula import EDIT_HELP
+    from simfluence.edit_syntax import EDIT_HELP  # light: simfluence.curricula would load NumPy for every command
 
     for name, handler, help_text in (
             ("whatif", cmd_whatif, "simulate edits of an observed run beside the run itself"),

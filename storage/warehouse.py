@@ -25,11 +25,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import duckdb
-import polars as pl
 from simfluence_platform.errors import UserError
+
+if TYPE_CHECKING:  # Polars loads only when a user's query returns rows: reads start faster without it
+    import polars as pl
 
 SCHEMA_VERSION = 2
 
@@ -324,7 +326,8 @@ class Warehouse:
 
         Raises:
             QueryError: several statements or none, a statement that is not a query, a file
-                outside the shard folder, or any error DuckDB reports (in one line).
+                outside the shard folder, an INTERVAL column (Polars has no such type), or any error
+                DuckDB reports (in one line).
         """
         with self._sandbox(timeout) as con:
             try:
@@ -338,12 +341,21 @@ class Warehouse:
             if statement.type != duckdb.StatementType.SELECT:
                 raise QueryError(f"only read-only queries are allowed ({', '.join(QUERY_KEYWORDS)}); "
                                  f"this is a {statement.type.name} statement")
+            import polars as pl
+
             try:
-                return con.sql(statement).pl()
+                relation = con.sql(statement)
+                interval = [name for name, kind in zip(relation.columns, relation.types) if "INTERVAL" in str(kind)]
+                if interval:  # Polars has no interval type (it would panic)
+                    raise QueryError(f"column {interval[0]!r} is an INTERVAL, which cannot be returned; cast it to "
+                                     f"VARCHAR or take its epoch()")
+                return pl.DataFrame(relation)  # through Arrow's C stream interface: PyArrow never loads
             except duckdb.PermissionException as error:
                 raise QueryError(f"only files under {self._shard_folder()} can be read: {_one_line(error)}") from None
             except duckdb.Error as error:
                 raise QueryError(_one_line(error)) from None
+            except pl.exceptions.PolarsError as error:  # DuckDB's errors while streaming the rows arrive as these
+                raise QueryError(str(error).splitlines()[0].removeprefix("got external error: ")) from None
 
     @contextmanager
     def _sandbox(self, timeout: float) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -402,10 +414,15 @@ class Warehouse:
         Only whole, readable loss shards are listed (a corrupt file is left out here and
         quarantined by the next ingest), by explicit path, so no folder name is read as a
         glob pattern."""
-        from simfluence_platform.storage.shards import pending_loss_shards  # shards imports this module
-
         loaded = {row[0] for row in con.execute("SELECT path FROM shard_manifest").fetchall()}
-        files = [p.resolve().as_posix() for p in pending_loss_shards(self.shard_root, loaded)]
+        root = self.shard_root
+        unloaded = [path for path in sorted(root.glob("*/run-*/losses-*.parquet"))
+                    if path.relative_to(root).as_posix() not in loaded]
+        files = []
+        if unloaded:  # the footer checks need PyArrow: loaded only when there is something to check
+            from simfluence_platform.storage.shards import readable_loss_shards  # shards imports this module
+
+            files = [p.resolve().as_posix() for p in readable_loss_shards(unloaded)]
         if not files:
             con.execute(
                 "CREATE TEMP VIEW live_losses AS SELECT NULL::VARCHAR AS experiment, NULL::INTEGER AS run_id, "

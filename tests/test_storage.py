@@ -278,6 +278,31 @@ def test_sql_command_reads_while_the_writer_lock_is_held(wh, capsys):
     assert "no warehouse here yet" in capsys.readouterr().err
 
 
+def test_a_read_only_command_loads_only_what_it_prints_with(wh):
+    """``simfluence sql`` loads DuckDB and Polars, not NumPy or PyArrow (PyArrow only when a
+    streaming shard's footer must be checked for ``live_losses``)."""
+    runs, _ = sf.synthetic.linear_runs(20, 5, 2, 6, 2, seed=0)
+    write_run(wh, runs, 0)
+    ingest(wh)
+    code = ("import sys\nfrom simfluence_platform.cli import main\n"
+            "main(['sql', 'SELECT count(*) AS n FROM losses', '--warehouse', sys.argv[1]])\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'numpy', 'pyarrow', 'polars', 'duckdb'}))")
+    out = subprocess.run([sys.executable, "-c", code, str(wh.path)], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "['duckdb', 'polars']" and "35" in out.stdout
+
+
+def test_errors_while_rows_stream_are_one_line(wh, capsys):
+    """A DuckDB error raised after the first rows were sent, and an INTERVAL column (Polars has
+    none), are one-line errors with exit status 2."""
+    from simfluence_platform.cli import main
+
+    late = "SELECT CASE WHEN range > 300000 THEN error('late failure') END FROM range(400000)"
+    for sql, message in ((late, "late failure"), ("SELECT INTERVAL 1 DAY AS d", "column 'd' is an INTERVAL")):
+        assert main(["sql", sql, "--warehouse", str(wh.path)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_the_science_imports_nothing_of_the_platform(tmp_path):
     """``import simfluence`` (and every module of it) loads neither Prefect, DuckDB, Dask nor
     torch, and nothing in it imports the platform."""
