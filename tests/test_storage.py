@@ -112,6 +112,34 @@ def test_round_trip_is_exact_and_ingest_is_idempotent(wh):
     assert query(wh, "SELECT status, curriculum_kind FROM runs WHERE run_id = 0") == [("complete", "uniform")]
 
 
+def test_ingest_visits_only_runs_with_something_new(wh):
+    """Named runs are the only ones loaded; a general ingest skips a finished run's folder
+    without opening it (its header, made unreadable here, is never read) but still finds a
+    new attempt of a failed run, even one that has written only its header."""
+    runs, _ = sf.synthetic.linear_runs(20, 5, 2, 6, 2, seed=0)
+    write_run(wh, runs, 0)
+    write_run(wh, runs, 1)
+    report = ingest(wh, "exp", run_ids=[1])
+    assert report.completed_runs == [("exp", 1)]
+    assert query(wh, "SELECT run_id, count(*) FROM losses GROUP BY run_id") == [(1, 35)]
+    assert ingest(wh).completed_runs == [("exp", 0)]
+    (wh.shard_root / "exp" / "run-000000" / "run.json").write_text("not json")
+    again = ingest(wh)
+    assert again.rejected == [] and again.loaded_shards == 0
+
+    header = RunHeader("exp", 2, runs.n_steps, runs.batch_size, runs.n_tests)
+    writer = LossShardWriter(wh.shard_root, header)
+    writer.write_batches(runs.batches[0])
+    writer.fail("stopped")
+    assert ingest(wh).failed_runs == [(("exp", 2), "stopped")]
+    retry = LossShardWriter(wh.shard_root, RunHeader("exp", 2, runs.n_steps, runs.batch_size, runs.n_tests))
+    ingest(wh)
+    assert query(wh, "SELECT attempt, status FROM runs WHERE run_id = 2") == [(retry.header.attempt, "running")]
+    retry.close()
+    with pytest.raises(ValueError, match="run_ids needs the experiment"):
+        ingest(wh, run_ids=[0])
+
+
 def test_failed_and_diverged_runs_are_recorded_and_never_loaded(wh):
     runs, _ = sf.synthetic.linear_runs(20, 5, 3, 6, 2, seed=0)
     write_run(wh, runs, 0)
