@@ -442,7 +442,9 @@ class Warehouse:
 
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     """The schema version recorded in the file (0 for an empty file)."""
-    exists = fetch_one(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'")[0]
+    # duckdb_tables(), not information_schema.tables: binding that view costs ~30 ms on each new connection
+    exists = fetch_one(con, "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'schema_version' "
+                            "AND database_name = current_database()")[0]
     if not exists:
         return 0
     return int(fetch_one(con, "SELECT coalesce(max(version), 0) FROM schema_version")[0])
