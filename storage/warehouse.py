@@ -317,7 +317,14 @@ class Warehouse:
             con.close()
 
     def query(self, sql: str, timeout: float = 30.0) -> pl.DataFrame:
-        """Run one untrusted read-only statement and return its rows.
+        """Run one untrusted read-only statement and return its rows (see :meth:`query_relation`)."""
+        with self.query_relation(sql, timeout) as relation:
+            return to_frame(relation)
+
+    @contextmanager
+    def query_relation(self, sql: str, timeout: float = 30.0) -> Iterator[duckdb.DuckDBPyRelation]:
+        """One untrusted read-only statement as a DuckDB relation, to fetch from inside the block
+        (every fetch runs it again); errors while fetching there are reported as below.
 
         ``sql`` must be exactly one statement that only reads (SELECT, WITH, VALUES, FROM,
         SHOW, DESCRIBE, SUMMARIZE). It runs in a private in-memory DuckDB instance with this
@@ -326,8 +333,7 @@ class Warehouse:
 
         Raises:
             QueryError: several statements or none, a statement that is not a query, a file
-                outside the shard folder, an INTERVAL column (Polars has no such type), or any error
-                DuckDB reports (in one line).
+                outside the shard folder, or any error DuckDB reports (in one line).
         """
         with self._sandbox(timeout) as con:
             try:
@@ -341,21 +347,12 @@ class Warehouse:
             if statement.type != duckdb.StatementType.SELECT:
                 raise QueryError(f"only read-only queries are allowed ({', '.join(QUERY_KEYWORDS)}); "
                                  f"this is a {statement.type.name} statement")
-            import polars as pl
-
             try:
-                relation = con.sql(statement)
-                interval = [name for name, kind in zip(relation.columns, relation.types) if "INTERVAL" in str(kind)]
-                if interval:  # Polars has no interval type (it would panic)
-                    raise QueryError(f"column {interval[0]!r} is an INTERVAL, which cannot be returned; cast it to "
-                                     f"VARCHAR or take its epoch()")
-                return pl.DataFrame(relation)  # through Arrow's C stream interface: PyArrow never loads
+                yield con.sql(statement)
             except duckdb.PermissionException as error:
                 raise QueryError(f"only files under {self._shard_folder()} can be read: {_one_line(error)}") from None
             except duckdb.Error as error:
                 raise QueryError(_one_line(error)) from None
-            except pl.exceptions.PolarsError as error:  # DuckDB's errors while streaming the rows arrive as these
-                raise QueryError(str(error).splitlines()[0].removeprefix("got external error: ")) from None
 
     @contextmanager
     def _sandbox(self, timeout: float) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -438,6 +435,26 @@ class Warehouse:
                    step, test_id, loss, filename AS shard
             FROM read_parquet([{listed}], filename = true)
         """)
+
+
+def to_frame(relation: duckdb.DuckDBPyRelation) -> pl.DataFrame:
+    """Run ``relation`` into a Polars DataFrame through Arrow's C stream interface (PyArrow never
+    loads).
+
+    Raises:
+        QueryError: an INTERVAL column (Polars has no such type), or an error DuckDB reports while
+            the rows stream (in one line).
+    """
+    import polars as pl
+
+    interval = [name for name, kind in zip(relation.columns, relation.types) if "INTERVAL" in str(kind)]
+    if interval:  # Polars would panic
+        raise QueryError(f"column {interval[0]!r} is an INTERVAL, which cannot be returned; cast it to VARCHAR or "
+                         f"take its epoch()")
+    try:
+        return pl.DataFrame(relation)
+    except pl.exceptions.PolarsError as error:  # DuckDB's errors while streaming the rows arrive as these
+        raise QueryError(str(error).splitlines()[0].removeprefix("got external error: ")) from None
 
 
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:

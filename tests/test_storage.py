@@ -307,16 +307,21 @@ def test_sql_command_reads_while_the_writer_lock_is_held(wh, capsys):
 
 
 def test_a_read_only_command_loads_only_what_it_prints_with(wh):
-    """``simfluence sql`` loads DuckDB and Polars, not NumPy or PyArrow (PyArrow only when a
-    streaming shard's footer must be checked for ``live_losses``)."""
+    """``simfluence sql`` loads neither NumPy nor PyArrow (PyArrow only when a streaming shard's
+    footer must be checked for ``live_losses``), and Polars only for a table it does not lay out
+    itself (here a float column)."""
     runs, _ = sf.synthetic.linear_runs(20, 5, 2, 6, 2, seed=0)
     write_run(wh, runs, 0)
     ingest(wh)
     code = ("import sys\nfrom simfluence_platform.cli import main\n"
-            "main(['sql', 'SELECT count(*) AS n FROM losses', '--warehouse', sys.argv[1]])\n"
+            "main(['sql', sys.argv[2], '--warehouse', sys.argv[1]])\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'numpy', 'pyarrow', 'polars', 'duckdb'}))")
-    out = subprocess.run([sys.executable, "-c", code, str(wh.path)], capture_output=True, text=True, check=True)
-    assert out.stdout.splitlines()[-1] == "['duckdb', 'polars']" and "35" in out.stdout
+    for sql, cell, loaded in (("SELECT count(*) AS n FROM losses", "│ 35  │", "['duckdb']"),
+                              ("SELECT sum(loss) > 0 AS positive, avg(step)::DOUBLE AS step FROM losses", "3.0",
+                               "['duckdb', 'polars']")):
+        out = subprocess.run([sys.executable, "-c", code, str(wh.path), sql], capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.splitlines()[-1] == loaded and cell in out.stdout, out.stdout
 
 
 def test_errors_while_rows_stream_are_one_line(wh, capsys):
