@@ -194,7 +194,7 @@ def cmd_sql(args: argparse.Namespace) -> dict | None:
         if args.format == "table" and not args.json:
             from simfluence_platform.plain_table import POLARS_NAMES, plain_table
 
-            if all(str(kind) in POLARS_NAMES for kind in relation.types):
+            if all(str(kind) in POLARS_NAMES for kind in relation.types):  # else no need to run it twice
                 text = plain_table(relation.columns, relation.types, relation.limit(args.max_rows + 1).fetchall(),
                                    args.max_rows)
                 if text is not None:

@@ -21,9 +21,10 @@ WIDEST_TABLE = 200  # characters of a line; Polars wraps wider tables
 def plain_table(columns: Sequence[str], types: Sequence[str], rows: Sequence[tuple], max_rows: int) -> str | None:
     """The table Polars would print (with ``tbl_rows=max_rows``) for ``rows`` (tuples, one value
     per column) of columns named ``columns`` with DuckDB types ``types``; None when Polars would
-    shorten, wrap or elide something, or a type is not a plain one."""
+    shorten, wrap or elide something, a type is not a plain one, or a name repeats (Polars
+    refuses that)."""
     names = [POLARS_NAMES.get(str(kind)) for kind in types]
-    if not columns or None in names or len(rows) > max_rows:
+    if not columns or None in names or len(rows) > max_rows or len(set(columns)) < len(columns):
         return None
     cells = [[_text(value) for value in row] for row in rows]
     texts = [*columns, *(cell for row in cells for cell in row)]

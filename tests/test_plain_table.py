@@ -86,3 +86,4 @@ def test_what_polars_would_shorten_elide_or_type_differently_is_left_to_it():
     assert plain_text(con, f"SELECT '{'x' * (LONGEST_TEXT + 1)}' AS s", 10) is None
     assert plain_text(con, "SELECT 0.5 AS f", 10) is None  # a DECIMAL: Polars' formatting
     assert plain_text(con, "SELECT 'a\nb' AS s", 10) is None
+    assert plain_text(con, "SELECT 1 AS a, 2 AS a", 10) is None  # Polars refuses the repeated name
