@@ -6,7 +6,15 @@ transaction per run), and compares with an ``executemany`` insert of the same ro
 the same run (on a sample, scaled). Then times a loss-curve query and the leaderboard view on
 the full table (median of repeated runs).
 
-Usage: ``python bench/ingest_bench.py [--runs 50] [--steps 200] [--tests 1000] [--json PATH]``.
+Then the cost of ingesting one more run when the warehouse already holds R runs (``--stored``,
+default 50 and 500; small synthetic runs of 20 steps x 20 test examples): today's way, the
+baseline, visits every run folder (reads its header and marker, lists it, one query each),
+which makes a collection's ingest quadratic in its runs; the new ways are a general ``ingest``
+(one directory listing per folder and one query of ``runs``) and ``ingest(run_ids=[r])`` as
+``collect`` does after each run. Each is timed on its own fresh runs, median of ``--new-runs``.
+
+Usage: ``python bench/ingest_bench.py [--runs 50] [--steps 200] [--tests 1000] [--stored 50 500]
+[--new-runs 5] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -37,12 +45,54 @@ def median_seconds(fn, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
+def write_run(wh: Warehouse, run_id: int, steps: int, tests: int, rng: np.random.Generator,
+              flush_every: int = 50) -> None:
+    """One complete synthetic run of ``steps`` updates (batch 8) and ``tests`` test examples as shards."""
+    writer = LossShardWriter(wh.shard_root, RunHeader("bench", run_id, steps, 8, tests), flush_every=flush_every)
+    writer.write_batches(rng.integers(0, 1000, (steps, 8)))
+    losses = rng.uniform(0.1, 2.0, (steps + 1, tests))
+    for t in range(steps + 1):
+        writer.log(t, losses[t])
+    writer.complete()
+
+
+def ingest_per_run(stored: int, new_runs: int, rng: np.random.Generator) -> dict[str, float]:
+    """Median seconds to ingest one new run into a warehouse holding ``stored`` complete runs:
+    today's way (every folder visited), a general ingest, and an ingest naming the run."""
+    steps, tests = 20, 20
+    with tempfile.TemporaryDirectory() as home:
+        wh = Warehouse(Path(home) / "warehouse.duckdb")
+        frame = lambda k: pl.DataFrame({"example_id": range(k), "text": [""] * k, "label": [""] * k})  # noqa: E731
+        register_experiment(wh, "bench", {"bench": True}, frame(1000), frame(tests))
+        for r in range(stored):
+            write_run(wh, r, steps, tests, rng)
+        assert len(ingest(wh, "bench").completed_runs) == stored
+        ways = {
+            "every_folder": lambda r: ingest(wh, "bench", run_ids=range(r + 1)),
+            "general": lambda r: ingest(wh, "bench"),
+            "named": lambda r: ingest(wh, "bench", run_ids=[r]),
+        }
+        times: dict[str, list[float]] = {way: [] for way in ways}
+        run_id = stored
+        for _ in range(new_runs):
+            for way, run in ways.items():
+                write_run(wh, run_id, steps, tests, rng)
+                start = time.perf_counter()
+                report = run(run_id)
+                times[way].append(time.perf_counter() - start)
+                assert report.completed_runs == [("bench", run_id)], report.to_dict()
+                run_id += 1
+    return {way: statistics.median(seconds) for way, seconds in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--tests", type=int, default=1000)
     parser.add_argument("--executemany-rows", type=int, default=20_000)
+    parser.add_argument("--stored", type=int, nargs="*", default=[50, 500], help="runs already in the warehouse")
+    parser.add_argument("--new-runs", type=int, default=5, help="runs ingested per way and size (median)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/ingest_bench.json"))
     args = parser.parse_args()
     R, T, m = args.runs, args.steps, args.tests
@@ -54,12 +104,7 @@ def main() -> None:
         register_experiment(wh, "bench", {"bench": True}, frame(1000), frame(m))
         start = time.perf_counter()
         for r in range(R):
-            writer = LossShardWriter(wh.shard_root, RunHeader("bench", r, T, 8, m), flush_every=50)
-            writer.write_batches(rng.integers(0, 1000, (T, 8)))
-            losses = rng.uniform(0.1, 2.0, (T + 1, m))
-            for t in range(T + 1):
-                writer.log(t, losses[t])
-            writer.complete()
+            write_run(wh, r, T, m, rng)
         write_s = time.perf_counter() - start
         start = time.perf_counter()
         report = ingest(wh)
@@ -107,6 +152,14 @@ def main() -> None:
     print(f"loss curve of one (run, test) over {T + 1} steps: {curve_s * 1e3:.1f} ms (median); leaderboard view "
           f"{board_s * 1e3:.1f} ms; final-loss distribution per curriculum kind {final_s * 1e3:.0f} ms; "
           f"warehouse {size_mb:.0f} MB")
+    result["ingest_one_more_run_seconds"] = {}
+    for stored in args.stored:
+        per_run = ingest_per_run(stored, args.new_runs, rng)
+        result["ingest_one_more_run_seconds"][str(stored)] = per_run
+        old = per_run["every_folder"]
+        print(f"one more run with {stored} stored: every folder visited (today's way) {old * 1e3:.0f} ms; general "
+              f"ingest {per_run['general'] * 1e3:.0f} ms ({old / per_run['general']:.1f}x faster); run named "
+              f"{per_run['named'] * 1e3:.0f} ms ({old / per_run['named']:.1f}x faster)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
 

@@ -19,13 +19,6 @@ from simfluence.errors import SimfluenceError
 from simfluence.runset import PAD
 
 
-# The what-if edits of one run's curriculum, as the command line and simfluence.whatif write them.
-EDIT_HELP = (
-    "remove:ID[,ID...] | repeat:IDxK | move:ID@STEP | swap:STEP,STEP | reorder:STEP,STEP,... | "
-    "replace:STEP=ID[,ID...] | insert:ID@STEP   (steps count from 1)"
-)
-
-
 class CurriculumError(SimfluenceError):
     """Raised for an impossible curriculum request; the message names the parameter or id."""
 

@@ -16,7 +16,8 @@ import numpy as np
 import polars as pl
 
 from simfluence import curricula
-from simfluence.curricula import EDIT_HELP, CurriculumError
+from simfluence.curricula import CurriculumError
+from simfluence.edit_syntax import EDIT_HELP
 from simfluence.runset import PAD, RunSet
 from simfluence.simulators import Simulator, SimulatorError
 

@@ -187,10 +187,23 @@ def cmd_ingest(args: argparse.Namespace) -> dict:
 
 
 def cmd_sql(args: argparse.Namespace) -> dict | None:
-    """Run one read-only query (see :meth:`Warehouse.query`); never takes the writer lock."""
+    """Run one read-only query (see :meth:`Warehouse.query_relation`); never takes the writer lock.
+    A table of plain columns short enough to show whole is laid out without loading Polars."""
+    from simfluence_platform.storage.warehouse import to_frame
+
+    with _warehouse(args).query_relation(args.query) as relation:
+        if args.format == "table" and not args.json:
+            from simfluence_platform.plain_table import POLARS_NAMES, plain_table
+
+            if all(str(kind) in POLARS_NAMES for kind in relation.types):  # else no need to run it twice
+                text = plain_table(relation.columns, relation.types, relation.limit(args.max_rows + 1).fetchall(),
+                                   args.max_rows)
+                if text is not None:
+                    print(text)
+                    return None
+        frame = to_frame(relation)
     import polars as pl
 
-    frame = _warehouse(args).query(args.query)
     if args.json:
         return {"columns": frame.columns, "rows": frame.rows()}
     if args.format == "json":
@@ -631,7 +644,7 @@ def cmd_report(args: argparse.Namespace) -> dict:
 
 
 def _add_whatif(sub: argparse._SubParsersAction) -> None:
-    from simfluence.curricula import EDIT_HELP
+    from simfluence.edit_syntax import EDIT_HELP  # light: simfluence.curricula would load NumPy for every command
 
     for name, handler, help_text in (
             ("whatif", cmd_whatif, "simulate edits of an observed run beside the run itself"),

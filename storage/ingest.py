@@ -1,8 +1,11 @@
 """Single-writer ingest: load new Parquet loss shards into the warehouse, idempotently.
 
-One ingest at a time holds the warehouse's writer lock. For each run folder it loads the shards
-not yet in the manifest in one transaction, recording each in the manifest in the same
-transaction, so a killed ingest loses nothing and a repeated one adds nothing. A run becomes
+One ingest at a time holds the warehouse's writer lock. For each run folder with something new
+it loads the shards not yet in the manifest in one transaction, recording each in the manifest
+in the same transaction, so a killed ingest loses nothing and a repeated one adds nothing. Its
+work grows with what is new, not with what is stored: a caller that knows which runs finished
+names them, and otherwise a folder whose files all belong to a finished, recorded attempt is
+skipped from a directory listing and one query, without opening it. A run becomes
 ``complete`` only when its marker says so, every step 0..T of every test example is present,
 its curriculum is recorded and no loss is NaN or infinite; ``failed`` runs keep their reason and
 are never fitted on (a ``complete`` marker over incomplete shards is rewritten as ``failed``, so
@@ -18,8 +21,10 @@ and the writer waits with backoff while a reader has it open (see ``Warehouse.wr
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +37,7 @@ from simfluence_platform.storage.shards import (
     RunHeader,
     read_footer,
     read_marker,
+    run_dir,
     write_marker,
 )
 from simfluence_platform.storage.warehouse import Warehouse, fetch_one, transaction
@@ -66,35 +72,94 @@ class _Experiment:
     config_hash: str
 
 
-def ingest(warehouse: Warehouse, experiment: str | None = None, hold_seconds: float = 1.0,
-           timeout: float = 600.0) -> IngestReport:
+def ingest(warehouse: Warehouse, experiment: str | None = None, run_ids: Iterable[int] | None = None,
+           hold_seconds: float = 1.0, timeout: float = 600.0) -> IngestReport:
     """Load every new shard under the warehouse's shard folder (of one experiment if given).
+
+    ``run_ids`` (with ``experiment``) restricts it to those runs' folders: what a collection
+    does after each run, so its ingest work does not grow with the runs already collected.
+    Without it, the folders to visit are found from one directory listing per experiment and
+    per run folder and one query of the ``runs`` table: a folder whose shard files all belong to
+    an attempt the warehouse records as finished is skipped without reading anything in it.
 
     The writer connection is released after about ``hold_seconds`` (between two runs) and
     taken again after a short pause, so readers get in during a long backlog. Each time it
     waits at most ``timeout`` seconds for other writers and readers (``WarehouseError`` after)."""
+    if run_ids is not None and experiment is None:
+        raise ValueError("run_ids needs the experiment they belong to")
     report = IngestReport()
     root = warehouse.shard_root
     if not root.exists():
         return report
-    pending = sorted(p for p in root.glob("*/run-*") if p.is_dir()
-                     and (experiment is None or p.parent.name == experiment))
+    if run_ids is not None:
+        pending = [folder for folder in (run_dir(root, experiment, r) for r in sorted(set(run_ids))) if folder.is_dir()]
+        listed = None
+    else:
+        listed = _list_run_folders(root, experiment)
+        pending = sorted(listed)
     while pending:
         with warehouse.writer(timeout) as con:
+            if listed is not None:  # once, under the lock: which listed folders hold anything new
+                pending, listed = _unfinished(con, listed, experiment), None
+                if not pending:
+                    break
             known = {name: _Experiment(n_train, n_test, digest) for name, n_train, n_test, digest in
                      con.execute("SELECT experiment, n_train, n_test, config_hash FROM experiments").fetchall()}
-            loaded = {row[0] for row in con.execute("SELECT path FROM shard_manifest").fetchall()}
             started = time.monotonic()
-            _ingest_run(con, warehouse, pending.pop(0), known, loaded, report)
+            _ingest_run(con, warehouse, pending.pop(0), known, report)
             while pending and time.monotonic() - started < hold_seconds:
-                _ingest_run(con, warehouse, pending.pop(0), known, loaded, report)
+                _ingest_run(con, warehouse, pending.pop(0), known, report)
         if pending:
             time.sleep(0.25)  # readers poll every 0.05 s
     return report
 
 
+def _list_run_folders(root: Path, experiment: str | None) -> dict[Path, list[str]]:
+    """Every run folder under ``root`` (of ``experiment`` if given) and the names of the files
+    in it: one directory listing per experiment and per run folder, nothing opened."""
+    folders: dict[Path, list[str]] = {}
+    for group in os.scandir(root):
+        if not group.is_dir() or (experiment is not None and group.name != experiment):
+            continue
+        for entry in os.scandir(group.path):
+            if entry.name.startswith("run-") and entry.is_dir():
+                try:
+                    folders[Path(entry.path)] = os.listdir(entry.path)
+                except FileNotFoundError:  # a new attempt is clearing it: the next ingest sees that one
+                    continue
+    return folders
+
+
+def _unfinished(con: duckdb.DuckDBPyConnection, listed: dict[Path, list[str]], experiment: str | None) -> list[Path]:
+    """The listed folders that may hold something to load, in path order: all but those whose
+    shard files all carry the attempt that the ``runs`` table records as finished (one query).
+
+    A finished run's folder changes only when a new attempt starts, and every file of a new
+    attempt carries the new attempt in its name; a folder with no shard at all (a new attempt
+    that has only written its header) is visited too."""
+    finished = {(name, run_id): attempt for name, run_id, attempt in con.execute(
+        "SELECT experiment, run_id, attempt FROM runs WHERE status != 'running' AND (? IS NULL OR experiment = ?)",
+        [experiment, experiment]).fetchall()}
+    pending = []
+    for folder, names in sorted(listed.items()):
+        number = folder.name.removeprefix("run-")
+        attempt = finished.get((folder.parent.name, int(number))) if number.isdigit() else None
+        if attempt is None or not _all_of_attempt(names, attempt):
+            pending.append(folder)
+    return pending
+
+
+def _all_of_attempt(names: list[str], attempt: str) -> bool:
+    """Whether the file ``names`` of a run folder include shards and every shard is ``attempt``'s."""
+    shards = [name for name in names if name.endswith(".parquet") and name.startswith(("losses-", "batches-"))]
+    return bool(shards) and all(name == f"batches-{attempt}.parquet" or name.startswith(f"losses-{attempt}-")
+                                for name in shards)
+
+
 def _ingest_run(con: duckdb.DuckDBPyConnection, warehouse: Warehouse, folder: Path, known: dict[str, _Experiment],
-                loaded: set[str], report: IngestReport) -> None:
+                report: IngestReport) -> None:
+    """Load the new shards of one run folder in one transaction, and finish the run when its
+    marker says so. Reads the folder's header and marker, and queries only this run's rows."""
     root = warehouse.shard_root
     # The marker first: it is written last, so every shard it vouches for is listed below.
     marker = read_marker(folder)
@@ -130,6 +195,8 @@ def _ingest_run(con: duckdb.DuckDBPyConnection, warehouse: Warehouse, folder: Pa
         report.rejected.append((str(folder), f"run {header.run_id} of {header.experiment} is already complete; "
                                              f"a new attempt cannot replace it"))
         return
+    loaded = {row[0] for row in con.execute("SELECT path FROM shard_manifest WHERE experiment = ? AND run_id = ?",
+                                            list(key)).fetchall()}
     new = [p for p in parquet if header.attempt in p.name and _relative(root, p) not in loaded]
     good: list[tuple[Path, str, int]] = []
     for path in new:
@@ -157,7 +224,6 @@ def _ingest_run(con: duckdb.DuckDBPyConnection, warehouse: Warehouse, folder: Pa
                         [_relative(root, path), header.experiment, header.run_id, header.attempt, kind, rows])
         if marker is not None and marker.get("attempt") == header.attempt:
             _finish_run(con, folder, header, marker, report)
-    loaded.update(_relative(root, p) for p, _, _ in good)
     report.loaded_shards += len(good)
     report.loaded_rows += sum(rows for _, _, rows in good)
 

@@ -124,20 +124,14 @@ def finished_runs(shard_root: str | Path, experiment: str, runs: int) -> tuple[i
     return complete, failed
 
 
-def pending_loss_shards(shard_root: str | Path, loaded: set[str]) -> list[Path]:
-    """Whole, readable loss shards under ``shard_root`` whose path relative to it is not in
-    ``loaded`` (the ingest manifest), in path order. Unreadable files are left out."""
-    root = Path(shard_root)
-    if not root.exists():
-        return []
-    pending = []
-    for path in sorted(root.glob("*/run-*/losses-*.parquet")):
-        if path.relative_to(root).as_posix() in loaded:
-            continue
+def readable_loss_shards(paths: list[Path]) -> list[Path]:
+    """The whole, readable Parquet files among ``paths`` with the loss schema, in their order."""
+    readable = []
+    for path in paths:
         footer = read_footer(path)
         if footer is not None and footer.schema.to_arrow_schema().equals(LOSS_SCHEMA, check_metadata=False):
-            pending.append(path)
-    return pending
+            readable.append(path)
+    return readable
 
 
 class LossShardWriter:

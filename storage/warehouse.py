@@ -25,11 +25,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import duckdb
-import polars as pl
 from simfluence_platform.errors import UserError
+
+if TYPE_CHECKING:  # Polars loads only when a user's query returns rows: reads start faster without it
+    import polars as pl
 
 SCHEMA_VERSION = 3
 
@@ -350,7 +352,14 @@ class Warehouse:
             con.close()
 
     def query(self, sql: str, timeout: float = 30.0) -> pl.DataFrame:
-        """Run one untrusted read-only statement and return its rows.
+        """Run one untrusted read-only statement and return its rows (see :meth:`query_relation`)."""
+        with self.query_relation(sql, timeout) as relation:
+            return to_frame(relation)
+
+    @contextmanager
+    def query_relation(self, sql: str, timeout: float = 30.0) -> Iterator[duckdb.DuckDBPyRelation]:
+        """One untrusted read-only statement as a DuckDB relation, to fetch from inside the block
+        (every fetch runs it again); errors while fetching there are reported as below.
 
         ``sql`` must be exactly one statement that only reads (SELECT, WITH, VALUES, FROM,
         SHOW, DESCRIBE, SUMMARIZE). It runs in a private in-memory DuckDB instance with this
@@ -374,7 +383,7 @@ class Warehouse:
                 raise QueryError(f"only read-only queries are allowed ({', '.join(QUERY_KEYWORDS)}); "
                                  f"this is a {statement.type.name} statement")
             try:
-                return con.sql(statement).pl()
+                yield con.sql(statement)
             except duckdb.PermissionException as error:
                 raise QueryError(f"only files under {self._shard_folder()} can be read: {_one_line(error)}") from None
             except duckdb.Error as error:
@@ -437,10 +446,15 @@ class Warehouse:
         Only whole, readable loss shards are listed (a corrupt file is left out here and
         quarantined by the next ingest), by explicit path, so no folder name is read as a
         glob pattern."""
-        from simfluence_platform.storage.shards import pending_loss_shards  # shards imports this module
-
         loaded = {row[0] for row in con.execute("SELECT path FROM shard_manifest").fetchall()}
-        files = [p.resolve().as_posix() for p in pending_loss_shards(self.shard_root, loaded)]
+        root = self.shard_root
+        unloaded = [path for path in sorted(root.glob("*/run-*/losses-*.parquet"))
+                    if path.relative_to(root).as_posix() not in loaded]
+        files = []
+        if unloaded:  # the footer checks need PyArrow: loaded only when there is something to check
+            from simfluence_platform.storage.shards import readable_loss_shards  # shards imports this module
+
+            files = [p.resolve().as_posix() for p in readable_loss_shards(unloaded)]
         if not files:
             con.execute(
                 "CREATE TEMP VIEW live_losses AS SELECT NULL::VARCHAR AS experiment, NULL::INTEGER AS run_id, "
@@ -458,9 +472,31 @@ class Warehouse:
         """)
 
 
+def to_frame(relation: duckdb.DuckDBPyRelation) -> pl.DataFrame:
+    """Run ``relation`` into a Polars DataFrame through Arrow's C stream interface (PyArrow never
+    loads).
+
+    Raises:
+        QueryError: an INTERVAL column (Polars has no such type), or an error DuckDB reports while
+            the rows stream (in one line).
+    """
+    import polars as pl
+
+    interval = [name for name, kind in zip(relation.columns, relation.types) if "INTERVAL" in str(kind)]
+    if interval:  # Polars would panic
+        raise QueryError(f"column {interval[0]!r} is an INTERVAL, which cannot be returned; cast it to VARCHAR or "
+                         f"take its epoch()")
+    try:
+        return pl.DataFrame(relation)
+    except pl.exceptions.PolarsError as error:  # DuckDB's errors while streaming the rows arrive as these
+        raise QueryError(str(error).splitlines()[0].removeprefix("got external error: ")) from None
+
+
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     """The schema version recorded in the file (0 for an empty file)."""
-    exists = fetch_one(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'")[0]
+    # duckdb_tables(), not information_schema.tables: binding that view costs ~30 ms on each new connection
+    exists = fetch_one(con, "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'schema_version' "
+                            "AND database_name = current_database()")[0]
     if not exists:
         return 0
     return int(fetch_one(con, "SELECT coalesce(max(version), 0) FROM schema_version")[0])

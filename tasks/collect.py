@@ -60,12 +60,13 @@ def train_run(config: ExperimentConfig, trainer, warehouse: Warehouse, run_id: i
 INGEST_WAIT_SECONDS = 15.0
 
 
-def ingest_pending(warehouse: Warehouse, experiment: str, log: Callable[[str], None]) -> IngestReport | None:
-    """Ingest what is waiting; when readers keep the warehouse busy for ``INGEST_WAIT_SECONDS``,
-    say so and go on (the shards stay on disk for the next ingest): training never waits long
-    for the warehouse."""
+def ingest_pending(warehouse: Warehouse, experiment: str, log: Callable[[str], None],
+                   run_ids: list[int] | None = None) -> IngestReport | None:
+    """Ingest what is waiting (only runs ``run_ids`` when given); when readers keep the warehouse
+    busy for ``INGEST_WAIT_SECONDS``, say so and go on (the shards stay on disk for the next
+    ingest): training never waits long for the warehouse."""
     try:
-        return ingest(warehouse, experiment, timeout=INGEST_WAIT_SECONDS)
+        return ingest(warehouse, experiment, run_ids, timeout=INGEST_WAIT_SECONDS)
     except WarehouseError as error:
         log(f"ingest postponed: {error}")
         return None
@@ -101,6 +102,7 @@ class Collection:
     need_gradients: bool
     summary: CollectSummary
     trainer: object | None = None
+    backlog: bool = False  # an ingest was postponed: the next one looks at every run, not just its own
 
 
 def start_collection(config: ExperimentConfig, runs: int, warehouse: Warehouse, gradients: bool = True,
@@ -139,7 +141,9 @@ def collect_run(collection: Collection, run_id: int, log: Callable[[str], None] 
         collection.summary.trained.append(run_id)
     else:
         collection.summary.failed[run_id] = outcome.reason or "failed"
-    report = ingest_pending(collection.warehouse, collection.config.name, log)
+    report = ingest_pending(collection.warehouse, collection.config.name, log,
+                            None if collection.backlog else [run_id])  # its own run: work that does not grow with R
+    collection.backlog = report is None
     log(f"run {run_id}: {outcome.status}" + (f"; ingested {report.loaded_rows} rows" if report else ""))
     return outcome.status
 

@@ -4,7 +4,8 @@ Usage: python chaos_process.py ROLE WAREHOUSE [ARGS]
   collector RUNS STEPS   make runs 0..RUNS-1 of experiment ``exp`` complete the way a collection
                          does: pending shards ingested first, then for each run not complete a
                          training-run stand-in (synthetic losses, streamed slowly) and an ingest
-                         that gives up quickly and goes on when readers keep the file
+                         of that run alone (of every run after one was postponed) that gives up
+                         quickly and goes on when readers keep the file
   ingest                 one ingest of everything pending
   reader SECONDS         open the warehouse read-only and hold it
 """
@@ -28,6 +29,7 @@ def collector(wh: Warehouse, runs: int, steps: int) -> None:
         ingest(wh, "exp", timeout=2.0)
     except WarehouseError:
         pass
+    backlog = False
     for run_id in sorted(set(range(runs)) - complete_run_ids(wh, "exp")):
         batches, losses = synthetic_run(run_id, steps, N_TESTS, N_TRAIN)
         try:
@@ -41,9 +43,10 @@ def collector(wh: Warehouse, runs: int, steps: int) -> None:
             time.sleep(0.005)
         writer.complete()
         try:
-            ingest(wh, "exp", timeout=2.0)
+            ingest(wh, "exp", None if backlog else [run_id], timeout=2.0)
+            backlog = False
         except WarehouseError:
-            pass
+            backlog = True
 
 
 def main() -> None:

@@ -112,6 +112,34 @@ def test_round_trip_is_exact_and_ingest_is_idempotent(wh):
     assert query(wh, "SELECT status, curriculum_kind FROM runs WHERE run_id = 0") == [("complete", "uniform")]
 
 
+def test_ingest_visits_only_runs_with_something_new(wh):
+    """Named runs are the only ones loaded; a general ingest skips a finished run's folder
+    without opening it (its header, made unreadable here, is never read) but still finds a
+    new attempt of a failed run, even one that has written only its header."""
+    runs, _ = sf.synthetic.linear_runs(20, 5, 2, 6, 2, seed=0)
+    write_run(wh, runs, 0)
+    write_run(wh, runs, 1)
+    report = ingest(wh, "exp", run_ids=[1])
+    assert report.completed_runs == [("exp", 1)]
+    assert query(wh, "SELECT run_id, count(*) FROM losses GROUP BY run_id") == [(1, 35)]
+    assert ingest(wh).completed_runs == [("exp", 0)]
+    (wh.shard_root / "exp" / "run-000000" / "run.json").write_text("not json")
+    again = ingest(wh)
+    assert again.rejected == [] and again.loaded_shards == 0
+
+    header = RunHeader("exp", 2, runs.n_steps, runs.batch_size, runs.n_tests)
+    writer = LossShardWriter(wh.shard_root, header)
+    writer.write_batches(runs.batches[0])
+    writer.fail("stopped")
+    assert ingest(wh).failed_runs == [(("exp", 2), "stopped")]
+    retry = LossShardWriter(wh.shard_root, RunHeader("exp", 2, runs.n_steps, runs.batch_size, runs.n_tests))
+    ingest(wh)
+    assert query(wh, "SELECT attempt, status FROM runs WHERE run_id = 2") == [(retry.header.attempt, "running")]
+    retry.close()
+    with pytest.raises(ValueError, match="run_ids needs the experiment"):
+        ingest(wh, run_ids=[0])
+
+
 def test_failed_and_diverged_runs_are_recorded_and_never_loaded(wh):
     runs, _ = sf.synthetic.linear_runs(20, 5, 3, 6, 2, seed=0)
     write_run(wh, runs, 0)
@@ -276,6 +304,36 @@ def test_sql_command_reads_while_the_writer_lock_is_held(wh, capsys):
         assert "read-only" in capsys.readouterr().err
     assert main(["sql", "SELECT 1", "--warehouse", str(wh.path.parent / "none.duckdb")]) == 2
     assert "no warehouse here yet" in capsys.readouterr().err
+
+
+def test_a_read_only_command_loads_only_what_it_prints_with(wh):
+    """``simfluence sql`` loads neither NumPy nor PyArrow (PyArrow only when a streaming shard's
+    footer must be checked for ``live_losses``), and Polars only for a table it does not lay out
+    itself (here a float column)."""
+    runs, _ = sf.synthetic.linear_runs(20, 5, 2, 6, 2, seed=0)
+    write_run(wh, runs, 0)
+    ingest(wh)
+    code = ("import sys\nfrom simfluence_platform.cli import main\n"
+            "main(['sql', sys.argv[2], '--warehouse', sys.argv[1]])\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'numpy', 'pyarrow', 'polars', 'duckdb'}))")
+    for sql, cell, loaded in (("SELECT count(*) AS n FROM losses", "│ 35  │", "['duckdb']"),
+                              ("SELECT sum(loss) > 0 AS positive, avg(step)::DOUBLE AS step FROM losses", "3.0",
+                               "['duckdb', 'polars']")):
+        out = subprocess.run([sys.executable, "-c", code, str(wh.path), sql], capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.splitlines()[-1] == loaded and cell in out.stdout, out.stdout
+
+
+def test_errors_while_rows_stream_are_one_line(wh, capsys):
+    """A DuckDB error raised after the first rows were sent, and an INTERVAL column (Polars has
+    none), are one-line errors with exit status 2."""
+    from simfluence_platform.cli import main
+
+    late = "SELECT CASE WHEN range > 300000 THEN error('late failure') END FROM range(400000)"
+    for sql, message in ((late, "late failure"), ("SELECT INTERVAL 1 DAY AS d", "column 'd' is an INTERVAL")):
+        assert main(["sql", sql, "--warehouse", str(wh.path)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_the_science_imports_nothing_of_the_platform(tmp_path):
