@@ -403,6 +403,9 @@ class SimfluenceLinear(Simulator):
         self.solver = solver
         self.seed = seed
         self.threads = threads
+        # Penalties are per transition; a bundle saved before they were held its fitted penalty
+        # on the summed errors ("sum"), which refit converts.
+        self.penalty_unit = "transition"
         self.cv_scores: dict[str, list[float]] = {}
 
     @property
@@ -520,8 +523,14 @@ class SimfluenceLinear(Simulator):
                                 threads=self.threads)
 
     def refit(self, runs: RunSet) -> SimfluenceLinear:
-        return type(self).from_hyperparameters(self.hyperparameters()).fit_with(
-            runs, self.fitted_intercept, self.fitted_l2 if np.all(np.isfinite(self.fitted_l2)) else 1.0)
+        """Refit with the fitted intercept and penalties (a penalty saved on the summed errors by an
+        older bundle is converted per transition); a simulator built from given parameters has no
+        fitted penalty, so its refit cross-validates one."""
+        fresh = type(self).from_hyperparameters({**self.hyperparameters(), "penalty_unit": "transition"})
+        if not np.all(np.isfinite(self.fitted_l2)):
+            return fresh.fit(runs)
+        scale = runs.n_runs * runs.n_steps if self.penalty_unit == "sum" else 1
+        return fresh.fit_with(runs, self.fitted_intercept, self.fitted_l2 / scale)
 
     @classmethod
     def concatenate(cls, parts: list[SimfluenceLinear]) -> SimfluenceLinear:
@@ -554,6 +563,7 @@ class SimfluenceLinear(Simulator):
             "per_test_l2": self.per_test_l2,
             "solver": self.solver,
             "seed": self.seed,
+            "penalty_unit": self.penalty_unit,
         }
         if hasattr(self, "fitted_intercept"):
             hp["fitted_intercept"] = self.fitted_intercept
@@ -565,6 +575,7 @@ class SimfluenceLinear(Simulator):
         simulator = cls(**{k: hp[k] for k in _LINEAR_ARGS if k in hp})
         simulator.fitted_intercept = hp.get("fitted_intercept", hp["intercept"])
         simulator.cv_scores = hp.get("cv_scores", {})
+        simulator.penalty_unit = hp.get("penalty_unit", "sum")  # absent: saved before per-transition penalties
         return simulator
 
     def parameters(self) -> dict[str, np.ndarray]:

@@ -271,3 +271,19 @@ def test_fitted_parameters_are_a_value_with_explicit_blocks(tmp_path):
                                    fitted.simulate(runs.batches, runs.initial_loss), rtol=1e-8, atol=1e-10)
     with pytest.raises(sf.SimulatorError, match="only shards of one model"):
         LinearParameters.join([sf.SimfluenceAdditive(l2=1.0).fit(runs).params, sf.SimfluenceLinear(l2=1.0).fit(runs).params])
+
+
+def test_refit_of_a_bundle_saved_with_penalties_on_summed_errors_converts_them():
+    """Bundles saved before penalties were per transition held the fitted penalty on the summed
+    errors; refitting one must use the same penalty, not a heavier one."""
+    runs, _ = sf.synthetic.linear_runs(10, 3, 12, 15, 2, noise=0.01, seed=4)
+    fitted = sf.SimfluenceLinear(intercept="none", l2=1e-2).fit(runs)
+    legacy_hp = {k: v for k, v in fitted.hyperparameters().items() if k != "penalty_unit"}
+    legacy = sf.SimfluenceLinear.from_hyperparameters(legacy_hp)
+    legacy.n_train, legacy.test_ids, legacy.params = fitted.n_train, fitted.test_ids, fitted.params
+    legacy.fitted_l2 = fitted.fitted_l2 * runs.n_runs * runs.n_steps  # what the old bundle stored
+    assert legacy.penalty_unit == "sum"
+    np.testing.assert_allclose(legacy.refit(runs).params.A, fitted.refit(runs).params.A, rtol=1e-8)
+    assert fitted.refit(runs).hyperparameters()["penalty_unit"] == "transition"
+    loose = sf.SimfluenceLinear.from_parameters(fitted.params.A, fitted.params.B)
+    assert np.all(np.isfinite(loose.refit(runs).fitted_l2))  # no fitted penalty: cross-validated
