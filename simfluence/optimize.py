@@ -237,6 +237,10 @@ def check_feasible(curriculum: np.ndarray, space: Space) -> None:
     curriculum = np.asarray(curriculum)
     if curriculum.shape != space.slots.shape or not np.array_equal(curriculum >= 0, space.slots):
         raise OptimizeError(f"the curriculum's slots differ from the experiment's shape {space.slots.shape}")
+    for t, row in enumerate(curriculum):
+        present = row[row >= 0]
+        if np.unique(present).size != present.size:
+            raise OptimizeError(f"step {t + 1} repeats an example")
     ids = curriculum[space.slots]
     outside = np.setdiff1d(ids, space.allowed)
     if outside.size:
@@ -247,7 +251,3 @@ def check_feasible(curriculum: np.ndarray, space: Space) -> None:
     missing = space.include[counts[space.include] == 0]
     if missing.size:
         raise OptimizeError(f"included example {int(missing[0])} does not appear")
-    for t, row in enumerate(curriculum):
-        present = row[row >= 0]
-        if np.unique(present).size != present.size:
-            raise OptimizeError(f"step {t + 1} repeats an example")
