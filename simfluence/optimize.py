@@ -200,6 +200,8 @@ def optimize(
     if starts < 1 or candidates < 1 or iterations < 0:
         raise OptimizeError(f"starts and candidates must be at least 1 and iterations at least 0, got "
                             f"{starts}, {candidates}, {iterations}")
+    if not temperature >= 0:
+        raise OptimizeError(f"temperature must be a non-negative number of nats, got {temperature}")
     if simulator.n_train is None:
         raise OptimizeError("the simulator is not fitted")
     space = search_space(simulator.n_train, slots, constraints)

@@ -1,0 +1,163 @@
+"""Curriculum optimisation, verified: propose a curriculum with a published simulator, train it
+for real beside random curricula of the same shape, and compare predicted with actual losses.
+
+The verification runs are stored like any run (shards, ingest) with ``curriculum_kind``
+``optimize-proposed`` or ``optimize-random`` and run ids from ``VERIFICATION_RUN_BASE`` up, so
+fitting, evaluation and refit never take them for sampled runs (see
+:mod:`simfluence_platform.storage.experiments`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from simfluence import optimize
+from simfluence.optimize import Constraints
+from simfluence.simulators import Simulator
+from simfluence.whatif import test_positions
+from simfluence_platform.storage import registry
+from simfluence_platform.storage.experiments import (
+    VERIFICATION_KINDS,
+    complete_run_ids,
+    load_runset,
+    next_verification_run_ids,
+)
+from simfluence_platform.storage.warehouse import Warehouse
+from simfluence_platform.tasks.whatif import ask
+
+PROPOSED, RANDOM = VERIFICATION_KINDS
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How hard :func:`simfluence.optimize.optimize` searches (see there) and its seed."""
+
+    starts: int = 256
+    iterations: int = 300
+    candidates: int = 64
+    temperature: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A proposed curriculum and the random ones to train beside it.
+
+    ``curricula: int64[1 + N, T, b]`` (the proposal first); ``predicted: float64[1 + N]`` their
+    simulated mean final loss (nats) over ``tests`` from the base run's initial losses;
+    ``heldout_rmse``: the simulator's root-mean-square error (nats) of that quantity on its
+    held-out runs, and ``heldout_spread`` the standard deviation of the observed quantity across
+    them (how much curricula move it at all)."""
+
+    experiment: str
+    version: str
+    method: str
+    base_run: int
+    test_ids: list[int]
+    curricula: np.ndarray
+    predicted: np.ndarray
+    search_start: float
+    random_starts_min: float
+    evaluations: int
+    heldout_rmse: float
+    heldout_spread: float
+    n_heldout: int
+
+    @property
+    def kinds(self) -> list[str]:
+        return [PROPOSED] + [RANDOM] * (len(self.curricula) - 1)
+
+
+def heldout_error(simulator: Simulator, warehouse: Warehouse, experiment: str, run_ids: list[int],
+                  tests: np.ndarray) -> tuple[float, float]:
+    """(RMSE of the simulated mean final loss over ``tests`` on the runs ``run_ids``, each from
+    its own initial losses; standard deviation of the observed one across them), in nats."""
+    runs = load_runset(warehouse, experiment, run_ids=run_ids, test_ids=simulator.test_ids)
+    predicted = simulator.simulate(runs.batches, runs.initial_loss)[:, -1, tests].mean(axis=1)
+    observed = runs.losses[:, -1, tests].mean(axis=1)
+    return float(np.sqrt(np.mean((predicted - observed) ** 2))), float(observed.std())
+
+
+def propose(warehouse: Warehouse, experiment: str, ref: str = "best", tests: list[int] | None = None,
+            constraints: Constraints = Constraints(), random: int = 3,
+            settings: SearchSettings = SearchSettings()) -> Plan:
+    """Search curricula shaped like the experiment's runs (the slots of its first held-out run)
+    for the lowest simulated mean final loss over ``tests`` (ids; default all), and draw
+    ``random`` feasible random curricula to train beside the proposal. Bad input (unknown ref,
+    test or example ids, impossible constraints) raises before anything is written."""
+    question = ask(warehouse, experiment, ref)
+    simulator = question.simulator
+    positions = test_positions(simulator, question.initial_loss, tests)
+    slots = question.curriculum >= 0
+    proposal = optimize.optimize(simulator, question.initial_loss, slots, constraints, tests=positions,
+                                 starts=settings.starts, iterations=settings.iterations,
+                                 candidates=settings.candidates, temperature=settings.temperature,
+                                 seed=settings.seed)
+    space = optimize.search_space(simulator.n_train, slots, constraints)
+    others = optimize.random_curricula(space, random, np.random.default_rng([settings.seed, 1]))
+    chosen = np.concatenate([proposal.curriculum[None], others])
+    predicted = optimize.final_loss(simulator, chosen, question.initial_loss, positions)
+    held = registry.resolve(warehouse, experiment, question.version).manifest["heldout_run_ids"]
+    rmse, spread = heldout_error(simulator, warehouse, experiment, held, positions)
+    return Plan(experiment, question.version, question.name, int(question.run_id),
+                [int(t) for t in simulator.test_ids[positions]], chosen, predicted, proposal.start,
+                float(proposal.random.min()), proposal.evaluations, rmse, spread, len(held))
+
+
+def allocate_runs(warehouse: Warehouse, plan: Plan) -> list[int]:
+    """The run ids the plan's curricula train as (fresh verification ids)."""
+    return next_verification_run_ids(warehouse, plan.experiment, len(plan.curricula))
+
+
+def train_in_process(config, warehouse: Warehouse, plan: Plan, run_ids: list[int],
+                     log: Callable[[str], None] = lambda message: None) -> dict[int, str]:
+    """Train the plan's curricula in this process (the model loaded once) and ingest them; returns
+    each run's status."""
+    from simfluence_platform.tasks.collect import ingest_pending, train_run
+    from simfluence_platform.tasks.data import load_examples
+    from simfluence_platform.tasks.training import Trainer
+
+    trainer = Trainer(config, load_examples(config.data, config.model.task))
+    status = {}
+    for run_id, curriculum, kind in zip(run_ids, plan.curricula, plan.kinds):
+        outcome = train_run(config, trainer, warehouse, run_id, batches=curriculum, curriculum_kind=kind)
+        status[run_id] = outcome.status
+        log(f"run {run_id} ({kind}): {outcome.status}" + (f" ({outcome.reason})" if outcome.reason else ""))
+    ingest_pending(warehouse, plan.experiment, log)
+    return status
+
+
+def compare(warehouse: Warehouse, plan: Plan, run_ids: list[int]) -> dict:
+    """Predicted against actual mean final loss (nats, over the plan's tests) of each trained
+    run; the prediction here starts from the run's own initial losses, as held-out evaluation
+    does. A run that did not complete has ``actual`` None."""
+    simulator, _ = registry.load(warehouse, plan.experiment, plan.version)
+    positions = test_positions(simulator, np.zeros(len(simulator.test_ids)), plan.test_ids)
+    done = complete_run_ids(warehouse, plan.experiment, verification=True)
+    trained = [r for r in run_ids if r in done]
+    predicted: dict[int, float] = {}
+    actual: dict[int, float] = {}
+    if trained:
+        runs = load_runset(warehouse, plan.experiment, run_ids=trained, test_ids=simulator.test_ids)
+        simulated = simulator.simulate(runs.batches, runs.initial_loss)[:, -1, positions].mean(axis=1)
+        actual = dict(zip(trained, runs.losses[:, -1, positions].mean(axis=1).tolist()))
+        predicted = dict(zip(trained, simulated.tolist()))
+    rows = [{"role": "proposed" if kind == PROPOSED else "random", "run_id": run_id,
+             "predicted_at_search": float(searched), "predicted": predicted.get(run_id), "actual": actual.get(run_id)}
+            for run_id, kind, searched in zip(run_ids, plan.kinds, plan.predicted)]
+    proposed, randoms = rows[0], [r for r in rows[1:] if r["actual"] is not None]
+    summary = {"proposed_actual": proposed["actual"],
+               "random_actual_mean": float(np.mean([r["actual"] for r in randoms])) if randoms else None,
+               "random_actual_min": min((r["actual"] for r in randoms), default=None)}
+    if proposed["actual"] is not None and randoms:
+        summary["actual_improvement"] = summary["random_actual_mean"] - proposed["actual"]
+        summary["predicted_improvement"] = float(np.mean([r["predicted"] for r in randoms]) - proposed["predicted"])
+        summary["proposed_beats_every_random"] = proposed["actual"] < summary["random_actual_min"]
+    return {"experiment": plan.experiment, "version": plan.version, "method": plan.method,
+            "base_run": plan.base_run, "tests": plan.test_ids, "runs": rows, "summary": summary,
+            "heldout_rmse": plan.heldout_rmse, "heldout_spread": plan.heldout_spread, "n_heldout": plan.n_heldout,
+            "search": {"start": plan.search_start, "proposal": float(plan.predicted[0]),
+                       "evaluations": plan.evaluations}}
