@@ -18,7 +18,8 @@ from simfluence_platform.flows.collect import artifact_key, train_on_workers
 from simfluence_platform.flows.common import warehouse as open_warehouse
 from simfluence_platform.flows.ingest import ingest_shards
 from simfluence_platform.tasks.config import stored_config
-from simfluence_platform.tasks.optimize import Plan, SearchSettings, allocate_runs, compare, propose, train_in_process
+from simfluence_platform.storage.experiments import next_verification_run_ids
+from simfluence_platform.tasks.optimize import Plan, SearchSettings, compare, propose, train_in_process
 
 
 @task(name="propose-curriculum", cache_policy=NO_CACHE)
@@ -50,9 +51,9 @@ def optimize_curriculum(experiment: str = "demo", ref: str = "best", tests: list
     constraints = Constraints(tuple(include or ()), tuple(exclude or ()), max_repeats)
     settings = SearchSettings(starts=starts, iterations=iterations, temperature=temperature, seed=seed)
     plan = propose_task(experiment, ref, tests, constraints, random, settings, warehouse)
-    run_ids = allocate_runs(open_warehouse(warehouse), plan)
+    run_ids = next_verification_run_ids(open_warehouse(warehouse), experiment, len(plan.curricula))
     get_run_logger().info(f"{experiment}: proposed curriculum predicted {plan.predicted[0]:.4f} nats "
-                          f"(best random start {plan.random_starts_min:.4f}); training runs {run_ids}")
+                          f"(best random start {plan.search_start:.4f}); training runs {run_ids}")
     if on_workers:
         progress = create_progress_artifact(progress=0.0, key=artifact_key("optimize", experiment),
                                             description=f"optimize-curriculum {experiment}: runs trained")
@@ -60,9 +61,9 @@ def optimize_curriculum(experiment: str = "demo", ref: str = "best", tests: list
                                "curriculum": curriculum.tolist(), "curriculum_kind": kind}
                       for run_id, curriculum, kind in zip(run_ids, plan.curricula, plan.kinds)}
         train_on_workers(experiment, warehouse, parameters, train_deployment, poll_seconds, progress, run_retries)
-        ingest_shards(warehouse, experiment)
     else:
         train_task(plan, run_ids, warehouse)
+    ingest_shards(warehouse, experiment)
     report = compare_task(plan, run_ids, warehouse)
     create_table_artifact(key=artifact_key("optimize-runs", experiment), table=report["runs"],
                           description=f"{experiment}: proposed and random curricula, predicted against actual mean "

@@ -23,9 +23,9 @@ from simfluence_platform.storage.experiments import (
     VERIFICATION_KINDS,
     complete_run_ids,
     load_runset,
-    next_verification_run_ids,
 )
 from simfluence_platform.storage.warehouse import Warehouse
+from simfluence_platform.tasks.config import ExperimentConfig
 from simfluence_platform.tasks.whatif import ask
 
 PROPOSED, RANDOM = VERIFICATION_KINDS
@@ -60,7 +60,6 @@ class Plan:
     curricula: np.ndarray
     predicted: np.ndarray
     search_start: float
-    random_starts_min: float
     evaluations: int
     heldout_rmse: float
     heldout_spread: float
@@ -104,19 +103,14 @@ def propose(warehouse: Warehouse, experiment: str, ref: str = "best", tests: lis
     rmse, spread = heldout_error(simulator, warehouse, experiment, held, positions)
     return Plan(experiment, question.version, question.name, int(question.run_id),
                 [int(t) for t in simulator.test_ids[positions]], chosen, predicted, proposal.start,
-                float(proposal.random.min()), proposal.evaluations, rmse, spread, len(held))
+                proposal.evaluations, rmse, spread, len(held))
 
 
-def allocate_runs(warehouse: Warehouse, plan: Plan) -> list[int]:
-    """The run ids the plan's curricula train as (fresh verification ids)."""
-    return next_verification_run_ids(warehouse, plan.experiment, len(plan.curricula))
-
-
-def train_in_process(config, warehouse: Warehouse, plan: Plan, run_ids: list[int],
+def train_in_process(config: ExperimentConfig, warehouse: Warehouse, plan: Plan, run_ids: list[int],
                      log: Callable[[str], None] = lambda message: None) -> dict[int, str]:
-    """Train the plan's curricula in this process (the model loaded once) and ingest them; returns
-    each run's status."""
-    from simfluence_platform.tasks.collect import ingest_pending, train_run
+    """Train the plan's curricula as the runs ``run_ids`` in this process (the model loaded once);
+    returns each run's status. The caller ingests them."""
+    from simfluence_platform.tasks.collect import train_run
     from simfluence_platform.tasks.data import load_examples
     from simfluence_platform.tasks.training import Trainer
 
@@ -126,7 +120,6 @@ def train_in_process(config, warehouse: Warehouse, plan: Plan, run_ids: list[int
         outcome = train_run(config, trainer, warehouse, run_id, batches=curriculum, curriculum_kind=kind)
         status[run_id] = outcome.status
         log(f"run {run_id} ({kind}): {outcome.status}" + (f" ({outcome.reason})" if outcome.reason else ""))
-    ingest_pending(warehouse, plan.experiment, log)
     return status
 
 
