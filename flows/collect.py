@@ -116,10 +116,10 @@ def collect_runs(preset: str | None = "demo", config_path: str | None = None, ru
 def train_on_workers(experiment: str, warehouse: str | None, parameters: dict[int, dict], deployment: str,
                      poll_seconds: float, progress, retries: int) -> dict:
     """One deployment run per training run (``parameters``: the train-run parameters of each run
-    id); ingest while they train; wait for all. A run whose
-    flow run failed or crashed (a killed worker process is CRASHED, which Prefect's own retries
-    do not cover) is dispatched again, up to ``retries`` times; its new attempt replaces the
-    partial one. A run lost after that is reported ``crashed``."""
+    id); ingest while they train; wait for all. A run whose flow run failed or crashed (a killed
+    worker process is CRASHED, which Prefect's own retries do not cover) is dispatched again, up
+    to ``retries`` times; its new attempt replaces the partial one. A run lost after that is
+    reported ``crashed``."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
