@@ -62,7 +62,8 @@ def search_space(n_train: int, slots: np.ndarray, constraints: Constraints = Con
     ``bool[T, b]``; raise :class:`OptimizeError` naming the first impossible value."""
     slots = np.asarray(slots, dtype=bool)
     if slots.ndim != 2 or not slots.any():
-        raise OptimizeError(f"the curriculum shape must be [steps, batch size] with at least one slot, got {slots.shape}")
+        raise OptimizeError(f"the curriculum shape must be [steps, batch size] with at least one slot, "
+                            f"got {slots.shape}")
     for field in ("include", "exclude"):
         ids = getattr(constraints, field)
         bad = [int(i) for i in ids if not 0 <= int(i) < n_train]

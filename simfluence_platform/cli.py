@@ -574,9 +574,10 @@ def format_optimize(result: dict) -> str:
     if "actual_improvement" in summary:
         verdict = "beats every random curriculum" if summary["proposed_beats_every_random"] else \
             "does not beat every random curriculum"
-        lines += ["", f"proposed {summary['proposed_actual']:.4f} against random mean {summary['random_actual_mean']:.4f}: "
-                      f"actual improvement {summary['actual_improvement']:+.4f} (predicted "
-                      f"{summary['predicted_improvement']:+.4f}); the proposal {verdict}"]
+        lines += ["", f"proposed {summary['proposed_actual']:.4f} against random mean "
+                      f"{summary['random_actual_mean']:.4f}: actual improvement "
+                      f"{summary['actual_improvement']:+.4f} (predicted {summary['predicted_improvement']:+.4f}); "
+                      f"the proposal {verdict}"]
     if "out" in result:
         lines.append(f"curriculum: {result['out']}")
     return "\n".join(lines)
