@@ -24,8 +24,8 @@ from simfluence_platform.tasks.optimize import Plan, SearchSettings, compare, pr
 
 @task(name="propose-curriculum", cache_policy=NO_CACHE)
 def propose_task(experiment: str, ref: str, tests: list[int] | None, constraints: Constraints, random: int,
-                 settings: SearchSettings, warehouse: str | None) -> Plan:
-    return propose(open_warehouse(warehouse), experiment, ref, tests, constraints, random, settings)
+                 settings: SearchSettings, trust_region: bool, warehouse: str | None) -> Plan:
+    return propose(open_warehouse(warehouse), experiment, ref, tests, constraints, random, settings, trust_region)
 
 
 @task(name="train-verification-runs", cache_policy=NO_CACHE)
@@ -43,14 +43,15 @@ def compare_task(plan: Plan, run_ids: list[int], warehouse: str | None) -> dict:
 def optimize_curriculum(experiment: str = "demo", ref: str = "best", tests: list[int] | None = None,
                         include: list[int] | None = None, exclude: list[int] | None = None,
                         max_repeats: int | None = None, random: int = 3, seed: int = 0, starts: int = 256,
-                        iterations: int = 300, temperature: float = 0.0, warehouse: str | None = None,
+                        iterations: int = 300, temperature: float = 0.0, trust_region: bool = True,
+                        warehouse: str | None = None,
                         on_workers: bool = False, train_deployment: str = "train-run/default",
                         poll_seconds: float = 5.0, run_retries: int = 1) -> dict:
     """Propose, train (the proposal and ``random`` random curricula) and compare; see the module
     docstring. Returns :func:`tasks.optimize.compare`'s report plus the proposed ``curriculum``."""
     constraints = Constraints(tuple(include or ()), tuple(exclude or ()), max_repeats)
     settings = SearchSettings(starts=starts, iterations=iterations, temperature=temperature, seed=seed)
-    plan = propose_task(experiment, ref, tests, constraints, random, settings, warehouse)
+    plan = propose_task(experiment, ref, tests, constraints, random, settings, trust_region, warehouse)
     run_ids = next_verification_run_ids(open_warehouse(warehouse), experiment, len(plan.curricula))
     get_run_logger().info(f"{experiment}: proposed curriculum predicted {plan.predicted[0]:.4f} nats "
                           f"(best random start {plan.search_start:.4f}); training runs {run_ids}")

@@ -122,9 +122,20 @@ def final_loss(simulator: Simulator, batches: np.ndarray, initial_loss: np.ndarr
     """``float64[K]``: the simulated mean final loss (nats) over the test positions ``tests``
     (default all) of each curriculum ``batches: int[K, T, b]``, all started from
     ``initial_loss: float[m]``."""
+    return objective(simulator, batches, initial_loss, tests, None)
+
+
+def objective(simulator: Simulator, batches: np.ndarray, initial_loss: np.ndarray, tests: np.ndarray | None,
+              bounds: np.ndarray | None) -> np.ndarray:
+    """``float64[K]``: :func:`final_loss` of each curriculum, or infinity where any simulated loss
+    (any step, any test example) leaves ``bounds: float[2, m]`` (low, high per test example)."""
     predicted = simulator.simulate(batches, np.repeat(np.asarray(initial_loss)[None], len(batches), axis=0))
     final = predicted[:, -1]
-    return (final if tests is None else final[:, tests]).mean(axis=1)
+    value = (final if tests is None else final[:, tests]).mean(axis=1)
+    if bounds is not None:
+        outside = ((predicted < bounds[0]) | (predicted > bounds[1])).any(axis=(1, 2))
+        value[outside] = np.inf
+    return value
 
 
 @dataclass(frozen=True)
@@ -186,6 +197,7 @@ def optimize(
     candidates: int = 64,
     temperature: float = 0.0,
     patience: int = 30,
+    bounds: np.ndarray | None = None,
     seed: int = 0,
 ) -> Proposal:
     """Search the curricula with the slots ``bool[T, b]`` and ``constraints`` for the lowest
@@ -197,6 +209,11 @@ def optimize(
     simulated-annealing temperature of the first iteration, cooled geometrically to 1% of it by
     the last; the greedy search stops after ``patience`` iterations without improvement. The
     best curriculum ever visited is returned. Deterministic for a seed.
+
+    ``bounds: float[2, m]`` (nats; low and high per test example) is a trust region: a
+    curriculum whose simulated losses leave it at any step is never chosen. A fitted simulator
+    extrapolates outside the losses it was fitted on, and an unbounded search finds exactly the
+    curricula where it extrapolates worst.
     """
     if starts < 1 or candidates < 1 or iterations < 0:
         raise OptimizeError(f"starts and candidates must be at least 1 and iterations at least 0, got "
@@ -208,8 +225,10 @@ def optimize(
     space = search_space(simulator.n_train, slots, constraints)
     rng = np.random.default_rng(seed)
     random = random_curricula(space, starts, rng)
-    random_loss = final_loss(simulator, random, initial_loss, tests)
+    random_loss = objective(simulator, random, initial_loss, tests, bounds)
     best_index = int(np.argmin(random_loss))
+    if not np.isfinite(random_loss[best_index]):
+        raise OptimizeError(f"none of the {starts} random curricula keeps its simulated losses within the bounds")
     current, current_loss = random[best_index], float(random_loss[best_index])
     best, best_loss = current, current_loss
     history = [current_loss]
@@ -217,12 +236,12 @@ def optimize(
     cooling = 0.01 ** (1.0 / max(1, iterations - 1))
     for iteration in range(iterations):
         proposals = neighbours(current, space, candidates, rng)
-        losses = final_loss(simulator, proposals, initial_loss, tests)
+        losses = objective(simulator, proposals, initial_loss, tests, bounds)
         evaluations += candidates
         k = int(np.argmin(losses))
         delta = float(losses[k]) - current_loss
         heat = temperature * cooling**iteration
-        if delta < 0 or (heat > 0 and rng.random() < np.exp(-delta / heat)):
+        if delta < 0 or (heat > 0 and np.isfinite(delta) and rng.random() < np.exp(-delta / heat)):
             current, current_loss = proposals[k], float(losses[k])
         if current_loss < best_loss:
             best, best_loss, stale = current, current_loss, 0

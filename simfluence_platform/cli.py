@@ -528,23 +528,23 @@ def write_curriculum(curriculum: list, path: str) -> str:
 def cmd_optimize(args: argparse.Namespace) -> dict:
     """Search for the curriculum with the lowest simulated loss, train it and random ones for
     real, and report predicted against actual: the optimize-curriculum flow."""
-    from simfluence.optimize import Constraints, search_space
-    from simfluence.whatif import test_positions
+    from simfluence.optimize import Constraints
     from simfluence_platform.flows.optimize import optimize_curriculum
-    from simfluence_platform.tasks.whatif import ask
+    from simfluence_platform.tasks.optimize import check_request
 
     include, exclude = _id_list(args.include, "--include"), _id_list(args.exclude, "--exclude")
     constraints = Constraints(include, exclude, args.max_repeats)
-    question = ask(_warehouse(args), args.experiment, args.ref)  # bad input fails before any flow starts
-    test_positions(question.simulator, question.initial_loss, _tests(args))
-    search_space(question.simulator.n_train, question.curriculum >= 0, constraints)
+    trust_region = not args.no_trust_region
+    check_request(_warehouse(args), args.experiment, args.ref, _tests(args), constraints,  # before any flow starts
+                  trust_region)
     if args.out and not args.out.lower().endswith((".json", ".npy")):
         raise CurriculumOutError(f"--out {args.out}: write the curriculum as .json or .npy")
     ensure_api()
     result = optimize_curriculum(experiment=args.experiment, ref=args.ref, tests=_tests(args), include=list(include),
                                  exclude=list(exclude), max_repeats=args.max_repeats, random=args.random,
                                  seed=args.seed, starts=args.starts, iterations=args.iterations,
-                                 temperature=args.temperature, warehouse=args.warehouse, on_workers=args.on_workers)
+                                 temperature=args.temperature, trust_region=trust_region, warehouse=args.warehouse,
+                                 on_workers=args.on_workers)
     if args.out:
         result["out"] = write_curriculum(result["curriculum"], args.out)
     if not args.json:
@@ -563,7 +563,11 @@ def format_optimize(result: dict) -> str:
              f"start {result['search']['start']:.4f} -> proposal {result['search']['proposal']:.4f} "
              f"({result['search']['evaluations']} curricula simulated)",
              f"simulator's held-out RMSE of this quantity {result['heldout_rmse']:.4f} over {result['n_heldout']} runs "
-             f"(observed spread across them {result['heldout_spread']:.4f})",
+             f"(observed spread across them {result['heldout_spread']:.4f}); each example at most "
+             f"{result['constraints']['max_repeats'] or 'any number of'} times (in its fitting runs: at most "
+             f"{result['constraints']['fitted_max_repeats']}); "
+             + ("simulated losses kept within the fitting runs' range" if result["constraints"]["trust_region"]
+                else "no trust region"),
              "",
              f"{'curriculum':<10} {'run_id':>8} {'predicted':>10} {'actual':>10} {'error':>9}"]
     for row in result["runs"]:
@@ -593,13 +597,16 @@ def _add_optimize(sub: argparse._SubParsersAction) -> None:
                                                  "(default: all)")
     p.add_argument("--include", default=None, help="comma-separated training ids that must appear")
     p.add_argument("--exclude", default=None, help="comma-separated training ids that must not appear")
-    p.add_argument("--max-repeats", type=positive_int, default=None, help="most appearances of one example")
+    p.add_argument("--max-repeats", type=positive_int, default=None,
+                   help="most appearances of one example (default: the most in any of the simulator's fitting runs)")
     p.add_argument("--random", type=nonnegative_int, default=3, help="random curricula trained beside the proposal")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--starts", type=positive_int, default=256, help="random curricula the search starts from")
     p.add_argument("--iterations", type=nonnegative_int, default=300, help="local-search iterations at most")
     p.add_argument("--temperature", type=float, default=0.0, help="simulated annealing's first temperature in nats "
                                                                   "(0: greedy)")
+    p.add_argument("--no-trust-region", action="store_true",
+                   help="let the search leave the fitting runs' repeats and loss range (where the simulator extrapolates)")
     p.add_argument("--out", default=None, help="write the proposed curriculum (.json or .npy) for simulate/whatif")
     p.add_argument("--on-workers", action="store_true", help="one train-run deployment run per curriculum")
     p.set_defaults(handler=cmd_optimize)

@@ -254,6 +254,16 @@ def complete_run_ids(warehouse: Warehouse, experiment: str, verification: bool =
     return {r[0] for r in rows}
 
 
+def max_repeats_in_runs(warehouse: Warehouse, experiment: str, run_ids: list[int]) -> int:
+    """The most times one training example appears within one of the runs ``run_ids`` (0 when
+    they record no batches)."""
+    with warehouse.reader() as con:
+        row = fetch_one(con, "SELECT max(k) FROM (SELECT count(*) AS k FROM batches WHERE experiment = ? "
+                             "AND list_contains(?::INTEGER[], run_id) GROUP BY run_id, example_id)",
+                        [experiment, [int(r) for r in run_ids]])
+    return int(row[0] or 0)
+
+
 def next_verification_run_ids(warehouse: Warehouse, experiment: str, count: int) -> list[int]:
     """``count`` unused run ids for verification runs: above every id at or over
     :data:`VERIFICATION_RUN_BASE` that the warehouse records or the shard folder holds (a run

@@ -10,7 +10,7 @@ fitting, evaluation and refit never take them for sampled runs (see
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -23,10 +23,11 @@ from simfluence_platform.storage.experiments import (
     VERIFICATION_KINDS,
     complete_run_ids,
     load_runset,
+    max_repeats_in_runs,
 )
 from simfluence_platform.storage.warehouse import Warehouse
 from simfluence_platform.tasks.config import ExperimentConfig
-from simfluence_platform.tasks.whatif import ask
+from simfluence_platform.tasks.whatif import Question, ask
 
 PROPOSED, RANDOM = VERIFICATION_KINDS
 
@@ -50,7 +51,9 @@ class Plan:
     simulated mean final loss (nats) over ``tests`` from the base run's initial losses;
     ``heldout_rmse``: the simulator's root-mean-square error (nats) of that quantity on its
     held-out runs, and ``heldout_spread`` the standard deviation of the observed quantity across
-    them (how much curricula move it at all)."""
+    them (how much curricula move it at all); ``constraints`` those in force and
+    ``fitted_max_repeats`` the most repeats of one example in a fitting run; ``trust_region``
+    whether the search kept to the fitting runs' range (:func:`check_request`)."""
 
     experiment: str
     version: str
@@ -64,6 +67,9 @@ class Plan:
     heldout_rmse: float
     heldout_spread: float
     n_heldout: int
+    constraints: Constraints
+    fitted_max_repeats: int
+    trust_region: bool
 
     @property
     def kinds(self) -> list[str]:
@@ -80,30 +86,69 @@ def heldout_error(simulator: Simulator, warehouse: Warehouse, experiment: str, r
     return float(np.sqrt(np.mean((predicted - observed) ** 2))), float(observed.std())
 
 
-def propose(warehouse: Warehouse, experiment: str, ref: str = "best", tests: list[int] | None = None,
-            constraints: Constraints = Constraints(), random: int = 3,
-            settings: SearchSettings = SearchSettings()) -> Plan:
-    """Search curricula shaped like the experiment's runs (the slots of its first held-out run)
-    for the lowest simulated mean final loss over ``tests`` (ids; default all), and draw
-    ``random`` feasible random curricula to train beside the proposal. Bad input (unknown ref,
-    test or example ids, impossible constraints) raises before anything is written."""
+@dataclass(frozen=True)
+class Request:
+    """A checked optimisation request: the simulator and base run (``question``), the test
+    positions, the slots ``bool[T, b]`` of the experiment's runs, the constraints in force, the
+    most repeats of one example within one of the simulator's fitting runs, and the trust
+    region ``bounds: float[2, m]`` (None: unbounded)."""
+
+    question: Question
+    positions: np.ndarray
+    slots: np.ndarray
+    constraints: Constraints
+    fitted_max_repeats: int
+    heldout_run_ids: list[int]
+    bounds: np.ndarray | None
+
+
+def check_request(warehouse: Warehouse, experiment: str, ref: str = "best", tests: list[int] | None = None,
+                  constraints: Constraints = Constraints(), trust_region: bool = True) -> Request:
+    """Check a request (unknown ref, test or example ids, impossible constraints raise, naming
+    the value) and, with ``trust_region``, keep the search where the simulator has data: without
+    ``max_repeats``, no example may appear more often than one ever did in a run the simulator
+    was fitted on, and no simulated loss may leave the range (per test example, over every step)
+    of the losses observed in those runs. Outside them the simulator extrapolates, and a search
+    finds the curricula where it extrapolates worst (see the README's measurements)."""
     question = ask(warehouse, experiment, ref)
     simulator = question.simulator
     positions = test_positions(simulator, question.initial_loss, tests)
+    manifest = registry.resolve(warehouse, experiment, question.version).manifest
+    fitted = max_repeats_in_runs(warehouse, experiment, manifest["fit_run_ids"])
+    bounds = None
+    if trust_region:
+        if constraints.max_repeats is None and fitted:
+            constraints = replace(constraints, max_repeats=fitted)
+        seen = load_runset(warehouse, experiment, run_ids=manifest["fit_run_ids"], test_ids=simulator.test_ids).losses
+        bounds = np.stack([seen.min(axis=(0, 1)), seen.max(axis=(0, 1))])
     slots = question.curriculum >= 0
-    proposal = optimize.optimize(simulator, question.initial_loss, slots, constraints, tests=positions,
-                                 starts=settings.starts, iterations=settings.iterations,
+    optimize.search_space(simulator.n_train, slots, constraints)
+    return Request(question, positions, slots, constraints, fitted, manifest["heldout_run_ids"], bounds)
+
+
+def propose(warehouse: Warehouse, experiment: str, ref: str = "best", tests: list[int] | None = None,
+            constraints: Constraints = Constraints(), random: int = 3,
+            settings: SearchSettings = SearchSettings(), trust_region: bool = True) -> Plan:
+    """Search curricula shaped like the experiment's runs (the slots of its first held-out run)
+    under the constraints of :func:`check_request` for the lowest simulated mean final loss over
+    ``tests`` (ids; default all) from that run's initial losses, and draw ``random`` feasible
+    random curricula to train beside the proposal."""
+    request = check_request(warehouse, experiment, ref, tests, constraints, trust_region)
+    question, positions = request.question, request.positions
+    simulator = question.simulator
+    proposal = optimize.optimize(simulator, question.initial_loss, request.slots, request.constraints,
+                                 tests=positions, starts=settings.starts, iterations=settings.iterations,
                                  candidates=settings.candidates, temperature=settings.temperature,
-                                 seed=settings.seed)
-    space = optimize.search_space(simulator.n_train, slots, constraints)
+                                 bounds=request.bounds, seed=settings.seed)
+    space = optimize.search_space(simulator.n_train, request.slots, request.constraints)
     others = optimize.random_curricula(space, random, np.random.default_rng([settings.seed, 1]))
     chosen = np.concatenate([proposal.curriculum[None], others])
     predicted = optimize.final_loss(simulator, chosen, question.initial_loss, positions)
-    held = registry.resolve(warehouse, experiment, question.version).manifest["heldout_run_ids"]
-    rmse, spread = heldout_error(simulator, warehouse, experiment, held, positions)
+    rmse, spread = heldout_error(simulator, warehouse, experiment, request.heldout_run_ids, positions)
     return Plan(experiment, question.version, question.name, int(question.run_id),
                 [int(t) for t in simulator.test_ids[positions]], chosen, predicted, proposal.start,
-                proposal.evaluations, rmse, spread, len(held))
+                proposal.evaluations, rmse, spread, len(request.heldout_run_ids), request.constraints,
+                request.fitted_max_repeats, request.bounds is not None)
 
 
 def train_in_process(config: ExperimentConfig, warehouse: Warehouse, plan: Plan, run_ids: list[int],
@@ -153,4 +198,7 @@ def compare(warehouse: Warehouse, plan: Plan, run_ids: list[int]) -> dict:
             "base_run": plan.base_run, "tests": plan.test_ids, "runs": rows, "summary": summary,
             "heldout_rmse": plan.heldout_rmse, "heldout_spread": plan.heldout_spread, "n_heldout": plan.n_heldout,
             "search": {"start": plan.search_start, "proposal": float(plan.predicted[0]),
-                       "evaluations": plan.evaluations}}
+                       "evaluations": plan.evaluations},
+            "constraints": {"include": list(plan.constraints.include), "exclude": list(plan.constraints.exclude),
+                            "max_repeats": plan.constraints.max_repeats,
+                            "fitted_max_repeats": plan.fitted_max_repeats, "trust_region": plan.trust_region}}

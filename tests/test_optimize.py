@@ -111,3 +111,16 @@ def test_impossible_constraints_are_named(rules, message):
 def test_too_many_included_examples_are_named():
     with pytest.raises(OptimizeError, match="include names 8 examples; a curriculum has only 6 slots"):
         optimize.search_space(N, full(2, 3), Constraints(include=tuple(range(8))))
+
+
+def test_the_trust_region_keeps_every_simulated_loss_within_bounds(world):
+    fitted, truth, helpful, truth_b, initial = world
+    free = optimize.optimize(truth, initial, full(), seed=0, starts=64, iterations=60)
+    floor = free.predicted + 0.5 * (free.start - free.predicted)  # halfway between the best start and the optimum
+    bounds = np.stack([np.full(M, floor), np.full(M, 10.0)])
+    bounded = optimize.optimize(truth, initial, full(), seed=0, starts=64, iterations=60, bounds=bounds)
+    trajectory = truth.simulate(bounded.curriculum[None], initial[None])[0]
+    assert trajectory.min() >= floor and bounded.predicted < bounded.start
+    assert truth.simulate(free.curriculum[None], initial[None])[0].min() < floor  # it would have left them
+    with pytest.raises(OptimizeError, match="none of the 8 random curricula keeps its simulated losses within"):
+        optimize.optimize(truth, initial, full(), starts=8, bounds=np.stack([initial + 1, initial + 2]))

@@ -353,6 +353,7 @@ def test_verification_runs_are_kept_apart_from_sampled_runs(wh):
     from simfluence_platform.storage.experiments import (
         VERIFICATION_RUN_BASE,
         complete_run_ids,
+        max_repeats_in_runs,
         next_verification_run_ids,
     )
 
@@ -370,5 +371,6 @@ def test_verification_runs_are_kept_apart_from_sampled_runs(wh):
     assert complete_run_ids(wh, "exp") == {0}
     assert complete_run_ids(wh, "exp", verification=True) == {VERIFICATION_RUN_BASE + 1, VERIFICATION_RUN_BASE + 2}
     assert next_verification_run_ids(wh, "exp", 1) == [VERIFICATION_RUN_BASE + 3]
+    assert max_repeats_in_runs(wh, "exp", [0]) == np.bincount(runs.batches[0].ravel()).max()
     LossShardWriter(wh.shard_root, RunHeader("exp", VERIFICATION_RUN_BASE + 7, 4, 2, 5)).close()  # not ingested
     assert next_verification_run_ids(wh, "exp", 1) == [VERIFICATION_RUN_BASE + 8]
