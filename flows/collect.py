@@ -90,8 +90,10 @@ def collect_runs(preset: str | None = "demo", config_path: str | None = None, ru
     if on_workers:
         register(config, wh, prepare(config, runs))
         todo = [r for r in range(runs) if r not in complete_run_ids(wh, config.name)]
-        results = _train_on_workers(config, preset, config_path, warehouse, todo, train_deployment, poll_seconds,
-                                    progress, run_retries)
+        parameters = {r: {"run_id": r, "preset": preset, "config_path": config_path, "warehouse": warehouse}
+                      for r in todo}
+        results = train_on_workers(config.name, warehouse, parameters, train_deployment, poll_seconds, progress,
+                                   run_retries)
         if gradients and not has_gradients(wh, config.name):
             gradient_task(config, warehouse)
     else:
@@ -111,30 +113,29 @@ def collect_runs(preset: str | None = "demo", config_path: str | None = None, ru
     return {"experiment": config.name, "trained": sorted(results), "complete": sorted(complete), "failed": failed}
 
 
-def _train_on_workers(config, preset, config_path, warehouse, todo, deployment, poll_seconds, progress,
-                      retries: int) -> dict:
-    """One deployment run per training run; ingest while they train; wait for all. A run whose
-    flow run failed or crashed (a killed worker process is CRASHED, which Prefect's own retries
-    do not cover) is dispatched again, up to ``retries`` times; its new attempt replaces the
-    partial one. A run lost after that is reported ``crashed``."""
+def train_on_workers(experiment: str, warehouse: str | None, parameters: dict[int, dict], deployment: str,
+                     poll_seconds: float, progress, retries: int) -> dict:
+    """One deployment run per training run (``parameters``: the train-run parameters of each run
+    id); ingest while they train; wait for all. A run whose flow run failed or crashed (a killed
+    worker process is CRASHED, which Prefect's own retries do not cover) is dispatched again, up
+    to ``retries`` times; its new attempt replaces the partial one. A run lost after that is
+    reported ``crashed``."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
     logger = get_run_logger()
 
     def dispatch(run_id: int):
-        return run_deployment(deployment, timeout=0, as_subflow=False,
-                              parameters={"run_id": run_id, "preset": preset, "config_path": config_path,
-                                          "warehouse": warehouse}).id
+        return run_deployment(deployment, timeout=0, as_subflow=False, parameters=parameters[run_id]).id
 
-    launched = {run_id: dispatch(run_id) for run_id in todo}
-    attempts = dict.fromkeys(todo, 0)
+    launched = {run_id: dispatch(run_id) for run_id in parameters}
+    attempts = dict.fromkeys(parameters, 0)
     logger.info(f"dispatched {len(launched)} runs to {deployment}")
     states: dict[int, str] = {}
     with get_client(sync_client=True) as client:
         while len(states) < len(launched):
             time.sleep(poll_seconds)
-            ingest_shards(warehouse, config.name)
+            ingest_shards(warehouse, experiment)
             for run_id, flow_run_id in launched.items():
                 if run_id in states:
                     continue

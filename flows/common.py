@@ -6,11 +6,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from simfluence_platform.storage.warehouse import Warehouse
-from simfluence_platform.tasks.config import ExperimentConfig, load_config, preset as preset_config
+from simfluence_platform.tasks.config import ExperimentConfig, load_config, preset as preset_config, stored_config
 
 
-def experiment_config(preset: str | None, config_path: str | None) -> ExperimentConfig:
-    """Exactly one of a preset name and a YAML path."""
+def experiment_config(preset: str | None, config_path: str | None, experiment: str | None = None,
+                      warehouse_path: str | None = None) -> ExperimentConfig:
+    """Exactly one of a preset name, a YAML path and a registered experiment's name (whose
+    config is read from the warehouse at ``warehouse_path``)."""
+    if experiment is not None:
+        if preset is not None or config_path is not None:
+            raise ValueError("give exactly one of preset, config_path and experiment")
+        return stored_config(warehouse(warehouse_path), experiment)
     if (preset is None) == (config_path is None):
         raise ValueError("give exactly one of preset and config_path")
     return preset_config(preset) if preset else load_config(config_path)

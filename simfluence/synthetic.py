@@ -155,3 +155,35 @@ def momentum_runs(
     gradients = GradientCheckpoints(np.array([0]), np.full(steps, learning_rate), train[None].astype(np.float32),
                                     test[None].astype(np.float32), batch_size=batch_size)
     return RunSet(batches, losses, n_train=n), gradients, MomentumTruth(optimizer, scale, B, beta0)
+
+
+def helpful_runs(
+    n: int,
+    m: int,
+    runs: int,
+    steps: int,
+    batch_size: int,
+    *,
+    helpful: int = 3,
+    effect: float = 0.05,
+    spread: float = 0.004,
+    noise: float = 0.002,
+    seed: int = 0,
+) -> tuple[RunSet, np.ndarray, np.ndarray]:
+    """Additive runs where ``helpful`` examples lower every test loss by ``effect`` nats per
+    appearance and the others move it by ``N(spread, spread)`` (mostly up):
+    ``L_t = L_{t-1} + sum_{i in c_t} B_i + noise * N(0, 1)``. The best curriculum is known: the
+    helpful examples as often as allowed, then the examples with the lowest ``B`` row means.
+
+    Returns the RunSet, ``helpful_ids: int64[helpful]`` and ``B: float64[n, m]``.
+    """
+    rng = np.random.default_rng(seed)
+    B = rng.normal(spread, spread, (n, m))
+    helpful_ids = np.sort(rng.choice(n, helpful, replace=False))
+    B[helpful_ids] = -effect
+    batches = uniform(n, runs, steps, batch_size, seed=seed + 1)
+    counts = count_matrix(batches, n).toarray().reshape(runs, steps, n)
+    change = counts @ B + noise * rng.standard_normal((runs, steps, m))
+    start = np.broadcast_to(rng.uniform(1.5, 2.5, m), (runs, 1, m))
+    losses = np.concatenate([start, start + np.cumsum(change, axis=1)], axis=1)
+    return RunSet(batches, losses, n_train=n), helpful_ids, B

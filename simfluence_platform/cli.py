@@ -766,6 +766,133 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_
                                                                _add_whatif, _add_registry]
 
 
+# ---- optimize: the curriculum a simulator rates best, trained for real beside random ones ----
+
+
+class IdListError(UserError, ValueError):
+    """An option that takes comma-separated example ids given something else."""
+
+
+def _id_list(text: str | None, option: str) -> tuple[int, ...]:
+    """The integer ids of a comma-separated option (empty when absent)."""
+    if not text:
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise IdListError(f"{option} takes comma-separated training example ids, got {text!r}") from None
+
+
+class CurriculumOutError(UserError, ValueError):
+    """An --out file with a suffix other than .json or .npy."""
+
+
+def write_curriculum(curriculum: list, path: str) -> str:
+    """Write one curriculum ``[step][position]`` as ``simfluence simulate --curriculum`` reads it:
+    ``.json`` (nested lists; -1 pads) or ``.npy`` (``int64[T, b]``)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.suffix.lower() == ".npy":
+        np.save(target, np.asarray(curriculum, dtype=np.int64))
+    else:
+        target.write_text(json.dumps(np.asarray(curriculum).tolist()) + "\n")
+    return str(target)
+
+
+def cmd_optimize(args: argparse.Namespace) -> dict:
+    """Search for the curriculum with the lowest simulated loss, train it and random ones for
+    real, and report predicted against actual: the optimize-curriculum flow."""
+    from simfluence.optimize import Constraints
+    from simfluence_platform.flows.optimize import optimize_curriculum
+    from simfluence_platform.tasks.optimize import check_request
+
+    include, exclude = _id_list(args.include, "--include"), _id_list(args.exclude, "--exclude")
+    constraints = Constraints(include, exclude, args.max_repeats)
+    trust_region = not args.no_trust_region
+    check_request(_warehouse(args), args.experiment, args.ref, _tests(args), constraints,  # before any flow starts
+                  trust_region)
+    if args.out and not args.out.lower().endswith((".json", ".npy")):
+        raise CurriculumOutError(f"--out {args.out}: write the curriculum as .json or .npy")
+    ensure_api()
+    result = optimize_curriculum(experiment=args.experiment, ref=args.ref, tests=_tests(args), include=list(include),
+                                 exclude=list(exclude), max_repeats=args.max_repeats, random=args.random,
+                                 seed=args.seed, starts=args.starts, iterations=args.iterations,
+                                 temperature=args.temperature, trust_region=trust_region, warehouse=args.warehouse,
+                                 on_workers=args.on_workers)
+    if args.out:
+        result["out"] = write_curriculum(result["curriculum"], args.out)
+    if not args.json:
+        print(format_optimize(result))
+    return result
+
+
+def format_optimize(result: dict) -> str:
+    """The human report of :func:`cmd_optimize`: one row per trained run, then the verdict."""
+    def nats(value: float | None, sign: str = "") -> str:
+        return "-" if value is None else format(value, f"{sign}.4f")
+
+    tests = result["tests"]
+    lines = [f"{result['method']} {result['version']} on {result['experiment']}; mean final loss over "
+             f"{len(tests)} test examples (nats); search from run {result['base_run']}'s initial losses: best random "
+             f"start {result['search']['start']:.4f} -> proposal {result['search']['proposal']:.4f} "
+             f"({result['search']['evaluations']} curricula simulated)",
+             f"simulator's held-out RMSE of this quantity {result['heldout_rmse']:.4f} over {result['n_heldout']} runs "
+             f"(observed spread across them {result['heldout_spread']:.4f}); each example at most "
+             f"{result['constraints']['max_repeats'] or 'any number of'} times (in its fitting runs: at most "
+             f"{result['constraints']['fitted_max_repeats']}); "
+             + ("simulated losses kept within the fitting runs' range" if result["constraints"]["trust_region"]
+                else "no trust region"),
+             "",
+             f"{'curriculum':<10} {'run_id':>8} {'predicted':>10} {'actual':>10} {'error':>9}"]
+    for row in result["runs"]:
+        error = None if row["actual"] is None else row["predicted"] - row["actual"]
+        lines.append(f"{row['role']:<10} {row['run_id']:>8} {nats(row['predicted']):>10} {nats(row['actual']):>10} "
+                     f"{nats(error, '+'):>9}")
+    summary = result["summary"]
+    if "actual_improvement" in summary:
+        verdict = "beats every random curriculum" if summary["proposed_beats_every_random"] else \
+            "does not beat every random curriculum"
+        lines += ["", f"proposed {summary['proposed_actual']:.4f} against random mean "
+                      f"{summary['random_actual_mean']:.4f}: actual improvement "
+                      f"{summary['actual_improvement']:+.4f} (predicted {summary['predicted_improvement']:+.4f}); "
+                      f"the proposal {verdict}"]
+    if "out" in result:
+        lines.append(f"curriculum: {result['out']}")
+    return "\n".join(lines)
+
+
+def _add_optimize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("optimize", help="search for the curriculum with the lowest simulated loss, then train it "
+                                        "and random curricula for real and compare")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--ref", default="best", help="a simulator version or alias (default best)")
+    p.add_argument("--warehouse", default=None, help="DuckDB file (default $SIMFLUENCE_HOME/warehouse.duckdb)")
+    p.add_argument("--tests", default=None, help="comma-separated test ids whose mean final loss is minimised "
+                                                 "(default: all)")
+    p.add_argument("--include", default=None, help="comma-separated training ids that must appear")
+    p.add_argument("--exclude", default=None, help="comma-separated training ids that must not appear")
+    p.add_argument("--max-repeats", type=positive_int, default=None,
+                   help="most appearances of one example (default: the most in any of the simulator's fitting runs)")
+    p.add_argument("--random", type=nonnegative_int, default=3, help="random curricula trained beside the proposal")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--starts", type=positive_int, default=256, help="random curricula the search starts from")
+    p.add_argument("--iterations", type=nonnegative_int, default=300, help="local-search iterations at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="simulated annealing's first temperature in nats "
+                                                                  "(0: greedy)")
+    p.add_argument("--no-trust-region", action="store_true",
+                   help="let the search leave the fitting runs' repeats and loss range (where the simulator extrapolates)")
+    p.add_argument("--out", default=None, help="write the proposed curriculum (.json or .npy) for simulate/whatif")
+    p.add_argument("--on-workers", action="store_true", help="one train-run deployment run per curriculum")
+    p.set_defaults(handler=cmd_optimize)
+
+
+COMMANDS.append(_add_optimize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="simfluence", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")

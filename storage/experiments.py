@@ -234,14 +234,51 @@ def experiment_info(warehouse: Warehouse, experiment: str) -> ExperimentInfo:
     return ExperimentInfo(experiment, row[0], json.loads(row[1]), row[2], row[3], row[4] or "", row[5])
 
 
-def complete_run_ids(warehouse: Warehouse, experiment: str) -> set[int]:
-    """Ids of the experiment's complete runs (empty before the warehouse exists)."""
+# Runs trained to check a proposed curriculum (``simfluence optimize``): the proposal and the
+# random curricula beside it. They are not samples of the experiment's curriculum distribution
+# (the proposal is chosen by a simulator), so fitting, held-out evaluation and refit never
+# count them; their ids start at VERIFICATION_RUN_BASE, clear of the sampled runs 0, 1, 2, ...
+VERIFICATION_KINDS = ("optimize-proposed", "optimize-random")
+VERIFICATION_RUN_BASE = 1_000_000
+
+
+def complete_run_ids(warehouse: Warehouse, experiment: str, verification: bool = False) -> set[int]:
+    """Ids of the experiment's complete sampled runs (empty before the warehouse exists); with
+    ``verification``, those of its complete verification runs (:data:`VERIFICATION_KINDS`) instead."""
     if not warehouse.path.exists():
         return set()
     with warehouse.reader() as con:
-        rows = con.execute("SELECT run_id FROM runs WHERE experiment = ? AND status = 'complete'",
-                           [experiment]).fetchall()
+        rows = con.execute("SELECT run_id FROM runs WHERE experiment = ? AND status = 'complete' "
+                           "AND coalesce(list_contains(?::VARCHAR[], curriculum_kind), false) = ?",
+                           [experiment, list(VERIFICATION_KINDS), verification]).fetchall()
     return {r[0] for r in rows}
+
+
+def max_repeats_in_runs(warehouse: Warehouse, experiment: str, run_ids: list[int]) -> int:
+    """The most times one training example appears within one of the runs ``run_ids`` (0 when
+    they record no batches)."""
+    with warehouse.reader() as con:
+        row = fetch_one(con, "SELECT max(k) FROM (SELECT count(*) AS k FROM batches WHERE experiment = ? "
+                             "AND list_contains(?::INTEGER[], run_id) GROUP BY run_id, example_id)",
+                        [experiment, [int(r) for r in run_ids]])
+    return int(row[0] or 0)
+
+
+def next_verification_run_ids(warehouse: Warehouse, experiment: str, count: int) -> list[int]:
+    """``count`` unused run ids for verification runs: above every id at or over
+    :data:`VERIFICATION_RUN_BASE` that the warehouse records or the shard folder holds (a run
+    trained but not yet ingested)."""
+    used = [VERIFICATION_RUN_BASE - 1]
+    if warehouse.path.exists():
+        with warehouse.reader() as con:
+            row = fetch_one(con, "SELECT max(run_id) FROM runs WHERE experiment = ? AND run_id >= ?",
+                            [experiment, VERIFICATION_RUN_BASE])
+        used.append(row[0] if row and row[0] is not None else used[0])
+    folder = warehouse.shard_root / experiment
+    if folder.is_dir():
+        used += [int(p.name[4:]) for p in folder.glob("run-*") if p.is_dir() and p.name[4:].isdigit()]
+    first = max(used) + 1
+    return list(range(first, first + count))
 
 
 def has_gradients(warehouse: Warehouse, experiment: str) -> bool:

@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from simfluence import curricula
 from simfluence_platform.storage.experiments import (
     complete_run_ids,
     config_hash,
@@ -42,12 +45,20 @@ def register(config: ExperimentConfig, warehouse: Warehouse, examples: Examples)
                         digest=config_hash(config.identity()))
 
 
-def train_run(config: ExperimentConfig, trainer, warehouse: Warehouse, run_id: int, on_step=None):
+def train_run(config: ExperimentConfig, trainer, warehouse: Warehouse, run_id: int, on_step=None,
+              batches: np.ndarray | None = None, curriculum_kind: str | None = None):
     """Train run ``run_id`` and stream its shards (does not ingest). Raises ``RunBusyError`` when
-    another live process is training the same run and ``ShardError`` when it is already complete."""
-    batches = curriculum_for_run(config, run_id)
+    another live process is training the same run and ``ShardError`` when it is already complete.
+
+    The run trains on its sampled curriculum, or on ``batches: int[T, b]`` recorded as
+    ``curriculum_kind`` (default ``explicit``; the verification runs of ``simfluence optimize``)."""
+    if batches is None:
+        batches, curriculum_kind = curriculum_for_run(config, run_id), config.curriculum.kind
+    elif batches.ndim != 2:
+        raise curricula.CurriculumError(f"run {run_id}: a curriculum is [steps, batch size], got shape {batches.shape}")
+    curricula.check_ids(batches, config.data.n_train)
     header = RunHeader(config.name, run_id, batches.shape[0], batches.shape[1], len(trainer.test_data),
-                       seed=run_seed(config, run_id), curriculum_kind=config.curriculum.kind,
+                       seed=run_seed(config, run_id), curriculum_kind=curriculum_kind or "explicit",
                        config_hash=config_hash(config.identity()), code_version=code_version())
     writer = LossShardWriter(warehouse.shard_root, header, flush_every=config.flush_every)
     try:

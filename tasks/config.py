@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from simfluence.momentum import OptimizerSpec
-from simfluence_platform.storage.warehouse import NAME_PATTERN
+from simfluence_platform.storage.warehouse import NAME_PATTERN, Warehouse
 from simfluence_platform.errors import UserError
 
 
@@ -326,3 +326,16 @@ def _check_type(value: Any, hint: Any, where: str, name: str) -> Any:
     if hint in (int, float, str, bool) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: {name} must be {hint.__name__}, got {value!r}")
     return value
+
+
+def stored_config(warehouse: Warehouse, experiment: str) -> ExperimentConfig:
+    """The config a registered experiment was collected with, read back from the warehouse; its
+    identity hash must be the stored one, so runs trained with it ingest as that experiment's."""
+    from simfluence_platform.storage.experiments import config_hash, experiment_info
+
+    info = experiment_info(warehouse, experiment)
+    config = from_dict(info.config, f"experiment {experiment!r}")
+    if config_hash(config.identity()) != info.config_hash:
+        raise ConfigError(f"experiment {experiment!r}: its stored config no longer has its recorded hash "
+                          f"{info.config_hash[:12]} under this version of simfluence")
+    return config

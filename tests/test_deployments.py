@@ -291,3 +291,38 @@ def test_a_scheduled_refit_runs_on_a_worker_and_moves_latest_and_best(server, tm
     best = registry.alias_version(wh, "scheduled", "best")
     assert latest is not None and best == registry.alias_version(wh, "scheduled", "latest-simfluence-linear")
     assert scheduler_errors(server) == []
+
+
+def test_optimize_dispatches_its_curricula_to_the_gpu_pool(server, tmp_path):
+    """optimize-curriculum/gpu on the cpu pool sends one train-run per curriculum (the proposal
+    and a random one, on the experiment's stored config) to the gpu pool and compares."""
+    from simfluence_platform.storage.experiments import VERIFICATION_RUN_BASE, load_runset
+    from simfluence_platform.tasks.collect import collect
+    from simfluence_platform.tasks.config import preset
+
+    wh = Warehouse(tmp_path / "home" / "warehouse.duckdb")
+    collect(preset("tiny"), 5, wh, gradients=False)
+    runs = load_runset(wh, "tiny")
+    simulator = sf.SimfluenceAdditive(intercept="constant", l2=1.0).fit(runs.select_runs([0, 1, 2, 3]))
+    registry.publish(wh, "tiny", simulator, fit_run_ids=[0, 1, 2, 3], heldout_run_ids=[4], data_hash="test",
+                     config_hash="test", aliases=("best",))
+    workers = [subprocess.Popen([PREFECT, "worker", "start", "--pool", pool], env=server, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+               for pool in ("cpu", "gpu")]
+    try:
+        run = prefect(server, "deployment", "run", "optimize-curriculum/gpu", "-p", "experiment=tiny",
+                      "-p", f"warehouse={wh.path}", "-p", "random=1", "-p", "iterations=5", "-p", "poll_seconds=2",
+                      "--watch", "--watch-timeout", "400", timeout=450)
+    finally:
+        for worker in workers:
+            stop_worker(worker)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    with wh.reader() as con:
+        assert con.execute("SELECT run_id, status, curriculum_kind FROM runs WHERE run_id >= ? ORDER BY run_id",
+                           [VERIFICATION_RUN_BASE]).fetchall() == [
+            (VERIFICATION_RUN_BASE, "complete", "optimize-proposed"),
+            (VERIFICATION_RUN_BASE + 1, "complete", "optimize-random")]
+    names = [f"train-run-{VERIFICATION_RUN_BASE}", f"train-run-{VERIFICATION_RUN_BASE + 1}"]
+    trained = [r for r in api(server, "/flow_runs/filter", {"flow_runs": {"name": {"any_": names}}})
+               if r["parameters"].get("warehouse") == str(wh.path)]
+    assert sorted((r["name"], r["state"]["type"]) for r in trained) == [(name, "COMPLETED") for name in names]

@@ -162,3 +162,65 @@ def test_a_refit_before_any_collection_is_a_no_op(tmp_path):
     assert refit(experiment="demo", warehouse=str(tmp_path / "warehouse.duckdb")) == \
         {"refit": False, "latest": None, "best": None}
     assert not (tmp_path / "warehouse.duckdb").exists()
+
+
+def test_optimize_trains_the_proposal_beside_random_curricula(tmp_path):
+    """optimize proposes a curriculum under constraints, trains it and two random ones for real
+    as verification runs (never fitted on), and reports predicted against actual loss."""
+    import json
+
+    from simfluence import curricula
+    from simfluence_platform.flows.collect import collect_runs
+    from simfluence_platform.flows.evaluate import evaluate_simulators
+    from simfluence_platform.flows.fit import fit_simulators
+    from simfluence_platform.flows.refit import refit
+    from simfluence_platform.storage.experiments import VERIFICATION_RUN_BASE, complete_run_ids
+
+    warehouse = str(tmp_path / "warehouse.duckdb")
+    collect_runs(preset="tiny", runs=10, warehouse=warehouse, gradients=False)
+    fit_simulators(experiment="tiny", methods=["simfluence_additive", "mean_trajectory"], warehouse=warehouse)
+    evaluate_simulators(experiment="tiny", n_boot=20, warehouse=warehouse)
+    out = tmp_path / "proposal.json"
+    args = ["--experiment", "tiny", "--warehouse", warehouse]
+    code, text, err = _cli("--json", "optimize", *args, "--random", "2", "--include", "3", "--exclude", "5",
+                           "--max-repeats", "2", "--iterations", "40", "--out", str(out))
+    assert code == 0, err
+    result = json.loads(text)
+    runs = result["runs"]
+    assert [r["role"] for r in runs] == ["proposed", "random", "random"]
+    assert [r["run_id"] for r in runs] == [VERIFICATION_RUN_BASE, VERIFICATION_RUN_BASE + 1, VERIFICATION_RUN_BASE + 2]
+    proposal = np.array(result["curriculum"])
+    assert proposal.shape == (6, 4)
+    counts = np.bincount(proposal.ravel(), minlength=16)
+    assert counts[3] >= 1 and counts[5] == 0 and counts.max() <= 2
+    np.testing.assert_array_equal(curricula.load(out, 16)[0], proposal)
+    wh = Warehouse(warehouse)
+    with wh.reader() as con:  # what the warehouse holds is what was reported and what was proposed
+        stored = dict(con.execute(
+            "SELECT run_id, avg(loss) FROM final_losses WHERE experiment = 'tiny' AND run_id >= ? GROUP BY run_id",
+            [VERIFICATION_RUN_BASE]).fetchall())
+        kinds = dict(con.execute("SELECT run_id, curriculum_kind FROM runs WHERE run_id >= ?",
+                                 [VERIFICATION_RUN_BASE]).fetchall())
+        batches = con.execute("SELECT step, position, example_id FROM batches WHERE run_id = ?",
+                              [VERIFICATION_RUN_BASE]).fetchall()
+    for row in runs:
+        assert row["actual"] == pytest.approx(stored[row["run_id"]], abs=1e-12)
+        assert np.isfinite(row["predicted"])
+    assert kinds == {VERIFICATION_RUN_BASE: "optimize-proposed", VERIFICATION_RUN_BASE + 1: "optimize-random",
+                     VERIFICATION_RUN_BASE + 2: "optimize-random"}
+    assert all(proposal[step - 1, position] == example for step, position, example in batches)
+    assert complete_run_ids(wh, "tiny") == set(range(10))  # the verification runs are never fitted on
+    assert refit(experiment="tiny", n_boot=20, warehouse=warehouse)["refit"] is False
+    code, text, err = _cli("simulate", *args, "--curriculum", str(out))
+    assert code == 0 and "simulated final loss" in text, err
+
+    code, text, _ = _cli("optimize", *args, "--random", "1", "--iterations", "5")  # the human table; new run ids
+    assert code == 0 and "proposed   " in text and str(VERIFICATION_RUN_BASE + 3) in text and "held-out RMSE" in text
+    for bad, message in ((["--include", "16"], "include: unknown training example id 16; ids lie in 0..15"),
+                         (["--exclude", "x"], "--exclude takes comma-separated training example ids, got 'x'"),
+                         (["--max-repeats", "1"], "cannot fill the 24 slots"),
+                         (["--tests", "99"], "test ids [99] are out of range"),
+                         (["--ref", "nope"], "nope"),
+                         (["--out", "p.txt"], "write the curriculum as .json or .npy")):
+        code, _, err = _cli("optimize", *args, *bad)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -403,3 +403,32 @@ def test_every_simulator_loads_in_a_fresh_process(tmp_path):
     code = "import sys, simfluence; print(type(simfluence.load_simulator(sys.argv[1])).__name__)"
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "momentum")], capture_output=True, text=True)
     assert out.stdout.strip() == "SimfluenceMomentum", out.stderr
+
+
+def test_verification_runs_are_kept_apart_from_sampled_runs(wh):
+    """Runs of the optimize-* kinds are not sampled runs (never fitted on); fresh verification
+    ids start above every verification id recorded or still waiting as shards."""
+    from simfluence_platform.storage.experiments import (
+        VERIFICATION_RUN_BASE,
+        complete_run_ids,
+        max_repeats_in_runs,
+        next_verification_run_ids,
+    )
+
+    runs, _ = sf.synthetic.linear_runs(20, 5, 3, 4, 2, seed=0)
+    assert next_verification_run_ids(wh, "exp", 2) == [VERIFICATION_RUN_BASE, VERIFICATION_RUN_BASE + 1]
+    write_run(wh, runs, 0)
+    for r, kind in ((1, "optimize-proposed"), (2, "optimize-random")):
+        writer = LossShardWriter(wh.shard_root, RunHeader("exp", VERIFICATION_RUN_BASE + r, 4, 2, 5,
+                                                          curriculum_kind=kind))
+        writer.write_batches(runs.batches[r])
+        for t in range(5):
+            writer.log(t, runs.losses[r, t])
+        writer.complete()
+    ingest(wh)
+    assert complete_run_ids(wh, "exp") == {0}
+    assert complete_run_ids(wh, "exp", verification=True) == {VERIFICATION_RUN_BASE + 1, VERIFICATION_RUN_BASE + 2}
+    assert next_verification_run_ids(wh, "exp", 1) == [VERIFICATION_RUN_BASE + 3]
+    assert max_repeats_in_runs(wh, "exp", [0]) == np.bincount(runs.batches[0].ravel()).max()
+    LossShardWriter(wh.shard_root, RunHeader("exp", VERIFICATION_RUN_BASE + 7, 4, 2, 5)).close()  # not ingested
+    assert next_verification_run_ids(wh, "exp", 1) == [VERIFICATION_RUN_BASE + 8]
