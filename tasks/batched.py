@@ -27,7 +27,7 @@ import torch
 from torch.func import vmap
 
 from simfluence_platform.storage.shards import LossShardWriter
-from simfluence_platform.tasks.functional import FunctionalModel, stack_rows
+from simfluence_platform.tasks.functional import stack_rows
 from simfluence_platform.tasks.training import RunOutcome, Trainer, adam_step_scale
 
 
@@ -37,7 +37,7 @@ class BatchedTrainer:
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
-        self.functional = FunctionalModel(trainer)
+        self.functional = trainer.functional
         self.initial = {name: trainer.initial_state[name].detach().clone() for name in self.functional.names}
         self.test_mask = self.functional.mask(trainer.test_data.attention_mask)
         self.stacked: dict[str, torch.Tensor] = {}

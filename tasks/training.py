@@ -10,6 +10,7 @@ failed, with its reason.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -73,6 +74,13 @@ class Trainer:
         if not self.parameters:
             raise ValueError("training: every parameter is frozen; nothing would be trained")
         self.timings = StepTimings()
+
+    @functools.cached_property
+    def functional(self):
+        """The model as a pure function of its trainable parameters (:mod:`.functional`)."""
+        from simfluence_platform.tasks.functional import FunctionalModel
+
+        return FunctionalModel(self)
 
     @property
     def n_trainable(self) -> int:
