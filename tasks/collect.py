@@ -82,12 +82,14 @@ class GroupResult:
 
 
 def train_group(config: ExperimentConfig, trainer, warehouse: Warehouse, run_ids: list[int],
-                gradients: bool = False, log: Callable[[str], None] = lambda message: None) -> GroupResult:
+                gradients: bool = False, log: Callable[[str], None] = lambda message: None,
+                on_step: Callable[[int], None] | None = None) -> GroupResult:
     """Train runs ``run_ids`` (at most ``training.parallel_runs``) together in this process and
     stream each one's own shards and completion marker (does not ingest): one at a time alone,
     else on a :class:`~simfluence_platform.tasks.batched.BatchedTrainer`. A run that another
     live process holds, or that is already complete, is left out. With ``gradients``, the
-    reference run's checkpoints are taken while it trains (when it is among them)."""
+    reference run's checkpoints are taken while it trains (when it is among them).
+    ``on_step(t)`` follows the group's steps as in :meth:`Trainer.run`."""
     from simfluence_platform.tasks.gradients import GradientRecorder
 
     result = GroupResult()
@@ -111,10 +113,16 @@ def train_group(config: ExperimentConfig, trainer, warehouse: Warehouse, run_ids
         reference = config.gradients.reference_run
         recorder = (GradientRecorder(config, trainer, batched, ids.index(reference))
                     if gradients and reference in ids else None)
+        hooks = [hook for hook in (recorder, on_step) if hook is not None]
+
+        def step_hook(step: int) -> None:
+            for hook in hooks:
+                hook(step)
+
         if batched is None:
-            outcomes = [trainer.run(curricula[ids[0]], run_seed(config, ids[0]), writers[ids[0]], on_step=recorder)]
+            outcomes = [trainer.run(curricula[ids[0]], run_seed(config, ids[0]), writers[ids[0]], on_step=step_hook)]
         else:
-            outcomes = batched.run([curricula[r] for r in ids], [writers[r] for r in ids], on_step=recorder)
+            outcomes = batched.run([curricula[r] for r in ids], [writers[r] for r in ids], on_step=step_hook)
         result.outcomes = dict(zip(ids, outcomes))
         if recorder is not None and result.outcomes[reference].status == "complete":
             result.gradients = recorder.result(result.outcomes[reference])
