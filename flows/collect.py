@@ -2,8 +2,10 @@
 
 In process by default (the model loads once for all runs), or, with ``on_workers``, one
 ``train-run`` deployment run per group of ``training.parallel_runs`` training runs on the work
-pool (GPU workers), ingesting new shards every ``poll_seconds`` while they train. Run ``r`` always has the same curriculum, so a
-retried or repeated collection never duplicates a run.
+pool (GPU workers), ingesting new shards every ``poll_seconds`` while they train. Run ``r``
+always has the same curriculum, so a retried or repeated collection never duplicates a run.
+The reference run's gradient checkpoints are taken while it trains in process; on workers,
+the ``gradient-checkpoints`` task trains it again for them.
 """
 
 from __future__ import annotations

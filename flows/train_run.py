@@ -39,5 +39,6 @@ def train_run(run_ids: list[int], preset: str | None = "demo", config_path: str 
         runs.update({r: {"status": "skipped", "reason": reason} for r, reason in result.skipped.items()})
         runs.update({r: {"status": o.status, "reason": o.reason} for r, o in result.outcomes.items()})
     for run_id, run in runs.items():
-        logger.info(f"run {run_id} of {config.name}: {run['status']}" + (f" ({run['reason']})" if run["reason"] else ""))
+        reason = f" ({run['reason']})" if run["reason"] else ""
+        logger.info(f"run {run_id} of {config.name}: {run['status']}{reason}")
     return {"runs": runs, "config_hash": config_hash(config.identity())}

@@ -36,6 +36,8 @@ class BatchedTrainer:
     data and frozen-prefix cache are shared; its own runs still work alongside)."""
 
     def __init__(self, trainer: Trainer) -> None:
+        if trainer.config.training.dropout:
+            raise ValueError("training.dropout: batched runs cannot reproduce each run's dropout masks")
         self.trainer = trainer
         self.functional = trainer.functional
         self.initial = {name: trainer.initial_state[name].detach().clone() for name in self.functional.names}
@@ -71,7 +73,7 @@ class BatchedTrainer:
         (``int[T, b]``, -1 pads, the same shape for all). Streams run k's losses to
         ``writers[k]`` and completes or fails it; a run whose loss turns non-finite ends alone,
         the others go on. ``on_step(t)`` as in :meth:`Trainer.run` (while any run is alive)."""
-        trainer, t = self.trainer, self.trainer.config.training
+        trainer = self.trainer
         batches = np.stack([np.asarray(c) for c in curricula])  # [K, T, b]; raises on unequal shapes
         K, T = batches.shape[0], batches.shape[1]
         writers = list(writers) if writers is not None else [None] * K
@@ -81,7 +83,8 @@ class BatchedTrainer:
         rates = trainer.learning_rate_schedule(T)
         losses = np.full((K, T + 1, len(trainer.test_data)), np.nan)
         failures: list[str | None] = [None] * K
-        train_loss = vmap(self.functional.losses, in_dims=(0, 0, 0, 0, None if trainer.train_data.prefix is None else 0))
+        prefix_dim = None if trainer.train_data.prefix is None else 0
+        train_loss = vmap(self.functional.losses, in_dims=(0, 0, 0, 0, prefix_dim))
         data = trainer.train_data
 
         def record(step: int) -> None:
@@ -112,8 +115,9 @@ class BatchedTrainer:
             trainer.model.train(False)  # dropout is off whenever parallel_runs > 1
             for group in self.optimizer.param_groups:
                 group["lr"] = rates[step - 1]
-            per_example = train_loss(self.stacked, shaped(rows.input_ids), shaped(self.functional.mask(rows.attention_mask)),
-                                     shaped(rows.labels), shaped(rows.prefix))
+            mask = self.functional.mask(rows.attention_mask)
+            per_example = train_loss(self.stacked, shaped(rows.input_ids), shaped(mask), shaped(rows.labels),
+                                     shaped(rows.prefix))
             per_run = (per_example * weights).sum(dim=1) / weights.sum(dim=1)  # each run's mean batch loss
             for k in np.flatnonzero(~torch.isfinite(per_run).cpu().numpy()):
                 failures[k] = failures[k] or f"training loss became non-finite at update {step}"
