@@ -86,7 +86,11 @@ def test_batched_collection_equals_one_at_a_time_and_takes_gradients_in_run(tmp_
     assert summary.trained == [0, 1, 2, 3, 4]
     np.testing.assert_allclose(load_runset(b, "tiny").losses, load_runset(a, "tiny").losses,
                                rtol=LOSS_TOLERANCE, atol=LOSS_TOLERANCE)
-    two_run = gradient_checkpoints(one, Trainer(one, load_examples(one.data, one.model.task)), loop=True)
+    trainer = Trainer(one, load_examples(one.data, one.model.task))
+    untouched = trainer.run(curriculum_for_run(one, 0), run_seed(one, 0)).losses  # no checkpoints taken
+    np.testing.assert_allclose(load_runset(b, "tiny").losses[0], untouched, rtol=LOSS_TOLERANCE, atol=LOSS_TOLERANCE)
+    np.testing.assert_array_equal(load_runset(a, "tiny").losses[0], untouched)  # the hook leaves the run as it was
+    two_run = gradient_checkpoints(one, trainer, loop=True)
     for wh in (a, b):
         in_run = load_gradients(wh, "tiny")
         for name in ("train_grads", "test_grads", "train_grads_preconditioned", "curvatures"):
