@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,10 @@ from simfluence_platform.storage.warehouse import Warehouse, WarehouseError
 from simfluence_platform.tasks.config import ExperimentConfig
 from simfluence_platform.tasks.data import Examples, load_examples
 from simfluence_platform.tasks.runs import curriculum_for_run, run_seed
+
+if TYPE_CHECKING:  # torch loads only when training
+    from simfluence.gradients import GradientCheckpoints
+    from simfluence_platform.tasks.training import RunOutcome
 
 
 @dataclass
@@ -76,9 +81,9 @@ class GroupResult:
     """What :func:`train_group` did: each trained run's outcome, the runs it left (run id:
     why), and the reference run's gradient checkpoints when it took them."""
 
-    outcomes: dict[int, object] = field(default_factory=dict)
+    outcomes: dict[int, RunOutcome] = field(default_factory=dict)
     skipped: dict[int, str] = field(default_factory=dict)
-    gradients: object | None = None
+    gradients: GradientCheckpoints | None = None
 
 
 def train_group(config: ExperimentConfig, trainer, warehouse: Warehouse, run_ids: list[int],
