@@ -1,9 +1,11 @@
 """collect-runs: sample curricula, run the fine-tuning runs, stream and ingest their losses.
 
 In process by default (the model loads once for all runs), or, with ``on_workers``, one
-``train-run`` deployment run per training run on the work pool (GPU workers), ingesting new
-shards every ``poll_seconds`` while they train. Run ``r`` always has the same curriculum, so a
-retried or repeated collection never duplicates a run.
+``train-run`` deployment run per group of ``training.parallel_runs`` training runs on the work
+pool (GPU workers), ingesting new shards every ``poll_seconds`` while they train. Run ``r``
+always has the same curriculum, so a retried or repeated collection never duplicates a run.
+The reference run's gradient checkpoints are taken while it trains in process; on workers,
+the ``gradient-checkpoints`` task trains it again for them.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from simfluence_platform.flows.ingest import ingest_shards
 from simfluence_platform.storage.experiments import complete_run_ids, has_gradients
 from simfluence_platform.tasks.collect import (
     Collection,
-    collect_run,
+    collect_group,
     finish_collection,
+    groups,
     prepare,
     register,
     start_collection,
@@ -43,9 +46,15 @@ def start_task(config: ExperimentConfig, runs: int, warehouse: str | None, gradi
 
 
 @task(name="train-run", cache_policy=NO_CACHE)
-def train_run_task(collection: Collection, run_id: int) -> str:
-    """One training run of an in-process collection, ingested: retried on its own."""
-    return collect_run(collection, run_id, log=get_run_logger().info)
+def train_run_task(collection: Collection, run_ids: list[int]) -> dict[int, str]:
+    """One group of training runs of an in-process collection (trained together), ingested:
+    retried on its own."""
+    return collect_group(collection, run_ids, log=get_run_logger().info)
+
+
+def group_name(run_ids: list[int]) -> str:
+    """``0``, or ``0-1-2-3`` for a group of runs: the suffix of their task and flow run names."""
+    return "-".join(map(str, run_ids))
 
 
 @task(name="reference-gradients", cache_policy=NO_CACHE)
@@ -55,19 +64,23 @@ def finish_task(collection: Collection) -> None:
 
 def collect_in_process(config: ExperimentConfig, runs: int, warehouse: str | None, gradients: bool,
                        retries: int, progress_id) -> dict:
-    """One Prefect task per training run (each visible and retried on its own), in this process
-    with the model loaded once."""
+    """One Prefect task per group of ``training.parallel_runs`` training runs (each visible and
+    retried on its own), in this process with the model loaded once."""
     collection = start_task(config, runs, warehouse, gradients)
-    results = {}
-    for count, run_id in enumerate(collection.todo, 1):
+    results, done = {}, 0
+    for group in groups(config, collection.todo):
         try:
-            status = train_run_task.with_options(task_run_name=f"train-run-{config.name}-{run_id}",
-                                                 retries=retries)(collection, run_id)
-            reason = "being trained by another process" if status == "busy" else collection.summary.failed.get(run_id, "")
-            results[run_id] = {"status": status, "reason": reason}
-        except Exception as error:  # noqa: BLE001 - a run lost after its retries is reported, the rest go on
-            results[run_id] = {"status": "failed", "reason": f"crashed: {error!r}"[:300]}
-        update_progress_artifact(progress_id, 100.0 * count / max(1, len(collection.todo)))
+            statuses = train_run_task.with_options(task_run_name=f"train-run-{config.name}-{group_name(group)}",
+                                                   retries=retries)(collection, group)
+            for run_id, status in statuses.items():
+                reason = ("being trained by another process" if status == "busy"
+                          else collection.summary.failed.get(run_id, ""))
+                results[run_id] = {"status": status, "reason": reason}
+        except Exception as error:  # noqa: BLE001 - a group lost after its retries is reported, the rest go on
+            for run_id in group:
+                results[run_id] = {"status": "failed", "reason": f"crashed: {error!r}"[:300]}
+        done += len(group)
+        update_progress_artifact(progress_id, 100.0 * done / max(1, len(collection.todo)))
     finish_task(collection)
     return results
 
@@ -90,8 +103,8 @@ def collect_runs(preset: str | None = "demo", config_path: str | None = None, ru
     if on_workers:
         register(config, wh, prepare(config, runs))
         todo = [r for r in range(runs) if r not in complete_run_ids(wh, config.name)]
-        parameters = {r: {"run_id": r, "preset": preset, "config_path": config_path, "warehouse": warehouse}
-                      for r in todo}
+        parameters = {tuple(group): {"run_ids": group, "preset": preset, "config_path": config_path,
+                                     "warehouse": warehouse} for group in groups(config, todo)}
         results = train_on_workers(config.name, warehouse, parameters, train_deployment, poll_seconds, progress,
                                    run_retries)
         if gradients and not has_gradients(wh, config.name):
@@ -113,43 +126,44 @@ def collect_runs(preset: str | None = "demo", config_path: str | None = None, ru
     return {"experiment": config.name, "trained": sorted(results), "complete": sorted(complete), "failed": failed}
 
 
-def train_on_workers(experiment: str, warehouse: str | None, parameters: dict[int, dict], deployment: str,
-                     poll_seconds: float, progress, retries: int) -> dict:
-    """One deployment run per training run (``parameters``: the train-run parameters of each run
-    id); ingest while they train; wait for all. A run whose flow run failed or crashed (a killed
-    worker process is CRASHED, which Prefect's own retries do not cover) is dispatched again, up
-    to ``retries`` times; its new attempt replaces the partial one. A run lost after that is
-    reported ``crashed``."""
+def train_on_workers(experiment: str, warehouse: str | None, parameters: dict[tuple[int, ...], dict],
+                     deployment: str, poll_seconds: float, progress, retries: int) -> dict:
+    """One deployment run per group of training runs (``parameters``: each group's train-run
+    parameters; a group is trained together, ``training.parallel_runs`` at a time); ingest while
+    they train; wait for all. A group whose flow run failed or crashed (a killed worker process
+    is CRASHED, which Prefect's own retries do not cover) is dispatched again, up to ``retries``
+    times; its runs' new attempts replace the partial ones (its runs that did complete are
+    skipped). A group lost after that is reported ``crashed``, run by run."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
     logger = get_run_logger()
 
-    def dispatch(run_id: int):
-        return run_deployment(deployment, timeout=0, as_subflow=False, parameters=parameters[run_id]).id
+    def dispatch(group: tuple[int, ...]):
+        return run_deployment(deployment, timeout=0, as_subflow=False, parameters=parameters[group]).id
 
-    launched = {run_id: dispatch(run_id) for run_id in parameters}
-    attempts = dict.fromkeys(parameters, 0)
-    logger.info(f"dispatched {len(launched)} runs to {deployment}")
-    states: dict[int, str] = {}
+    launched = {group: dispatch(group) for group in parameters}
+    attempts = dict.fromkeys(launched, 0)
+    logger.info(f"dispatched {sum(map(len, launched))} runs in {len(launched)} flow runs to {deployment}")
+    states: dict[tuple[int, ...], str] = {}
     with get_client(sync_client=True) as client:
         while len(states) < len(launched):
             time.sleep(poll_seconds)
             ingest_shards(warehouse, experiment)
-            for run_id, flow_run_id in launched.items():
-                if run_id in states:
+            for group, flow_run_id in launched.items():
+                if group in states:
                     continue
                 state = client.read_flow_run(flow_run_id).state
                 if state is None or state.type.value not in FINAL:
                     continue
-                if state.type.value != "COMPLETED" and attempts[run_id] < retries:
-                    attempts[run_id] += 1
-                    logger.warning(f"run {run_id}: flow run {state.type.value.lower()}; dispatching it again "
-                                   f"({attempts[run_id]}/{retries})")
-                    launched[run_id] = dispatch(run_id)
+                if state.type.value != "COMPLETED" and attempts[group] < retries:
+                    attempts[group] += 1
+                    logger.warning(f"runs {group_name(list(group))}: flow run {state.type.value.lower()}; "
+                                   f"dispatching it again ({attempts[group]}/{retries})")
+                    launched[group] = dispatch(group)
                     continue
-                states[run_id] = state.type.value
+                states[group] = state.type.value
             update_progress_artifact(progress, 100.0 * len(states) / max(1, len(launched)))
     return {r: {"status": "complete" if s == "COMPLETED" else "failed",
                 "reason": "" if s == "COMPLETED" else f"crashed: flow run {s.lower()} on every attempt"}
-            for r, s in states.items()}
+            for group, s in states.items() for r in group}

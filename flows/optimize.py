@@ -58,8 +58,8 @@ def optimize_curriculum(experiment: str = "demo", ref: str = "best", tests: list
     if on_workers:
         progress = create_progress_artifact(progress=0.0, key=artifact_key("optimize", experiment),
                                             description=f"optimize-curriculum {experiment}: runs trained")
-        parameters = {run_id: {"run_id": run_id, "preset": None, "experiment": experiment, "warehouse": warehouse,
-                               "curriculum": curriculum.tolist(), "curriculum_kind": kind}
+        parameters = {(run_id,): {"run_ids": [run_id], "preset": None, "experiment": experiment,
+                                  "warehouse": warehouse, "curriculum": curriculum.tolist(), "curriculum_kind": kind}
                       for run_id, curriculum, kind in zip(run_ids, plan.curricula, plan.kinds)}
         train_on_workers(experiment, warehouse, parameters, train_deployment, poll_seconds, progress, run_retries)
     else:

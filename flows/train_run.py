@@ -1,39 +1,62 @@
-"""train-run: one fine-tuning run, deployable alone to a GPU worker.
+"""train-run: a group of fine-tuning runs trained together, deployable alone to a GPU worker.
 
-It writes Parquet loss shards only (never the warehouse): the experiment must have been
-registered by collect-runs, and ingest-losses (or collect-runs) loads the shards.
+It writes Parquet loss shards only (never the warehouse), each run its own shards and
+completion marker: the experiment must have been registered by collect-runs, and
+ingest-losses (or collect-runs) loads the shards. A killed group loses nothing that was
+complete, and running it again trains only its runs that are not complete.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from simfluence_platform.flows.common import experiment_config, warehouse as open_warehouse
 from simfluence_platform.storage.experiments import config_hash
-from simfluence_platform.tasks.collect import train_run as train_one
+from simfluence_platform.storage.shards import ShardError
+from simfluence_platform.tasks.collect import groups, train_group, train_run as train_one
 from simfluence_platform.tasks.data import load_examples
 
 
-@flow(name="train-run", log_prints=True, flow_run_name="train-run-{run_id}", retries=1, retry_delay_seconds=10)
-def train_run(run_id: int, preset: str | None = "demo", config_path: str | None = None,
+def _name() -> str:
+    """``train-run-0``, or ``train-run-0-1-2-3`` for a group."""
+    return "train-run-" + "-".join(map(str, flow_run.parameters["run_ids"]))
+
+
+@flow(name="train-run", log_prints=True, flow_run_name=_name, retries=1, retry_delay_seconds=10)
+def train_run(run_ids: list[int], preset: str | None = "demo", config_path: str | None = None,
               warehouse: str | None = None, experiment: str | None = None,
               curriculum: list[list[int]] | None = None, curriculum_kind: str | None = None) -> dict:
-    """Train run ``run_id`` of the experiment and stream its losses as shards. A crashed run is
-    retried once: the retry is a new attempt that replaces the earlier one's shards.
+    """Train runs ``run_ids`` of the experiment, ``training.parallel_runs`` at a time, and stream
+    their losses as shards. A crashed group is retried once: the retry is a new attempt of each
+    run not complete yet, which replaces the earlier one's shards.
 
     The experiment is a preset, a config file, or (``experiment``, with ``preset`` None) a
-    registered experiment whose config is read from the warehouse. The run trains on its
-    sampled curriculum, or on ``curriculum`` (``[step][position]`` ids, -1 pads) recorded as
+    registered experiment whose config is read from the warehouse. Runs train on their sampled
+    curricula, or one run on ``curriculum`` (``[step][position]`` ids, -1 pads) recorded as
     ``curriculum_kind``: how ``optimize-curriculum`` trains its verification runs."""
     from simfluence_platform.tasks.training import Trainer
 
+    if curriculum is not None and len(run_ids) != 1:
+        raise ValueError(f"a given curriculum trains exactly one run, got run_ids {run_ids}")
     config = experiment_config(preset, config_path, experiment, warehouse)
     trainer = Trainer(config, load_examples(config.data, config.model.task))
-    batches = None if curriculum is None else np.asarray(curriculum, dtype=np.int64)
-    outcome = train_one(config, trainer, open_warehouse(warehouse), run_id, batches=batches,
-                        curriculum_kind=curriculum_kind)
-    get_run_logger().info(f"run {run_id} of {config.name}: {outcome.status}"
-                          + (f" ({outcome.reason})" if outcome.reason else ""))
-    return {"run_id": run_id, "status": outcome.status, "reason": outcome.reason,
-            "config_hash": config_hash(config.identity())}
+    wh, logger = open_warehouse(warehouse), get_run_logger()
+    runs = {}
+    if curriculum is not None:
+        try:
+            outcome = train_one(config, trainer, wh, run_ids[0], batches=np.asarray(curriculum, dtype=np.int64),
+                                curriculum_kind=curriculum_kind)
+            runs[run_ids[0]] = {"status": outcome.status, "reason": outcome.reason}
+        except ShardError as error:  # another live process holds it, or it is complete already
+            runs[run_ids[0]] = {"status": "skipped", "reason": str(error)}
+    else:
+        for group in groups(config, list(run_ids)):
+            result = train_group(config, trainer, wh, group, log=logger.info)
+            runs.update({r: {"status": "skipped", "reason": reason} for r, reason in result.skipped.items()})
+            runs.update({r: {"status": o.status, "reason": o.reason} for r, o in result.outcomes.items()})
+    for run_id, run in runs.items():
+        reason = f" ({run['reason']})" if run["reason"] else ""
+        logger.info(f"run {run_id} of {config.name}: {run['status']}{reason}")
+    return {"runs": runs, "config_hash": config_hash(config.identity())}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,10 @@ from simfluence_platform.tasks.config import ExperimentConfig
 from simfluence_platform.tasks.data import Examples, load_examples
 from simfluence_platform.tasks.runs import curriculum_for_run, run_seed
 
+if TYPE_CHECKING:  # torch loads only when training
+    from simfluence.gradients import GradientCheckpoints
+    from simfluence_platform.tasks.training import RunOutcome
+
 
 @dataclass
 class CollectSummary:
@@ -45,10 +50,12 @@ def register(config: ExperimentConfig, warehouse: Warehouse, examples: Examples)
                         digest=config_hash(config.identity()))
 
 
-def train_run(config: ExperimentConfig, trainer, warehouse: Warehouse, run_id: int, on_step=None,
-              batches: np.ndarray | None = None, curriculum_kind: str | None = None):
-    """Train run ``run_id`` and stream its shards (does not ingest). Raises ``RunBusyError`` when
-    another live process is training the same run and ``ShardError`` when it is already complete.
+def open_run(config: ExperimentConfig, warehouse: Warehouse, run_id: int, n_tests: int,
+             batches: np.ndarray | None = None, curriculum_kind: str | None = None
+             ) -> tuple[np.ndarray, LossShardWriter]:
+    """Run ``run_id``'s curriculum ``int[T, b]`` and a shard writer that holds the run (its
+    batches written). Raises ``RunBusyError`` when another live process is training the run and
+    ``ShardError`` when it is already complete.
 
     The run trains on its sampled curriculum, or on ``batches: int[T, b]`` recorded as
     ``curriculum_kind`` (default ``explicit``; the verification runs of ``simfluence optimize``)."""
@@ -57,15 +64,94 @@ def train_run(config: ExperimentConfig, trainer, warehouse: Warehouse, run_id: i
     elif batches.ndim != 2:
         raise curricula.CurriculumError(f"run {run_id}: a curriculum is [steps, batch size], got shape {batches.shape}")
     curricula.check_ids(batches, config.data.n_train)
-    header = RunHeader(config.name, run_id, batches.shape[0], batches.shape[1], len(trainer.test_data),
+    header = RunHeader(config.name, run_id, batches.shape[0], batches.shape[1], n_tests,
                        seed=run_seed(config, run_id), curriculum_kind=curriculum_kind or "explicit",
                        config_hash=config_hash(config.identity()), code_version=code_version())
     writer = LossShardWriter(warehouse.shard_root, header, flush_every=config.flush_every)
     try:
         writer.write_batches(batches)
-        return trainer.run(batches, header.seed, writer, on_step=on_step)
+    except BaseException:
+        writer.close()
+        raise
+    return batches, writer
+
+
+def train_run(config: ExperimentConfig, trainer, warehouse: Warehouse, run_id: int, on_step=None,
+              batches: np.ndarray | None = None, curriculum_kind: str | None = None):
+    """Train run ``run_id`` (on ``batches`` when given, see :func:`open_run`) and stream its
+    shards (does not ingest); raises as :func:`open_run`."""
+    batches, writer = open_run(config, warehouse, run_id, len(trainer.test_data), batches, curriculum_kind)
+    try:
+        return trainer.run(batches, run_seed(config, run_id), writer, on_step=on_step)
     finally:
         writer.close()  # a crashed run frees the run for its retry
+
+
+@dataclass
+class GroupResult:
+    """What :func:`train_group` did: each trained run's outcome, the runs it left (run id:
+    why), and the reference run's gradient checkpoints when it took them."""
+
+    outcomes: dict[int, RunOutcome] = field(default_factory=dict)
+    skipped: dict[int, str] = field(default_factory=dict)
+    gradients: GradientCheckpoints | None = None
+
+
+def train_group(config: ExperimentConfig, trainer, warehouse: Warehouse, run_ids: list[int],
+                gradients: bool = False, log: Callable[[str], None] = lambda message: None,
+                on_step: Callable[[int], None] | None = None) -> GroupResult:
+    """Train runs ``run_ids`` (at most ``training.parallel_runs``) together in this process and
+    stream each one's own shards and completion marker (does not ingest): one at a time alone,
+    else on a :class:`~simfluence_platform.tasks.batched.BatchedTrainer`. A run that another
+    live process holds, or that is already complete, is left out. With ``gradients``, the
+    reference run's checkpoints are taken while it trains (when it is among them).
+    ``on_step(t)`` follows the group's steps as in :meth:`Trainer.run`."""
+    from simfluence_platform.tasks.gradients import GradientRecorder
+
+    result = GroupResult()
+    writers: dict[int, LossShardWriter] = {}
+    batches: dict[int, np.ndarray] = {}
+    try:
+        for run_id in run_ids:
+            try:
+                batches[run_id], writers[run_id] = open_run(config, warehouse, run_id, len(trainer.test_data))
+            except ShardError as error:  # RunBusyError, or completed meanwhile by another collection
+                log(f"run {run_id}: skipped ({error})")
+                result.skipped[run_id] = str(error)
+        ids = list(writers)
+        if not ids:
+            return result
+        batched = None
+        if len(ids) > 1:
+            from simfluence_platform.tasks.batched import BatchedTrainer
+
+            batched = BatchedTrainer(trainer)
+        reference = config.gradients.reference_run
+        recorder = (GradientRecorder(config, trainer, batched, ids.index(reference))
+                    if gradients and reference in ids else None)
+        hooks = [hook for hook in (recorder, on_step) if hook is not None]
+
+        def step_hook(step: int) -> None:
+            for hook in hooks:
+                hook(step)
+
+        if batched is None:
+            outcomes = [trainer.run(batches[ids[0]], run_seed(config, ids[0]), writers[ids[0]], on_step=step_hook)]
+        else:
+            outcomes = batched.run([batches[r] for r in ids], [writers[r] for r in ids], on_step=step_hook)
+        result.outcomes = dict(zip(ids, outcomes))
+        if recorder is not None and result.outcomes[reference].status == "complete":
+            result.gradients = recorder.result(result.outcomes[reference])
+        return result
+    finally:
+        for writer in writers.values():
+            writer.close()  # a crashed batch frees its runs for their retry
+
+
+def groups(config: ExperimentConfig, run_ids: list[int]) -> list[list[int]]:
+    """``run_ids`` in groups of ``training.parallel_runs`` (the last may be smaller)."""
+    k = config.training.parallel_runs
+    return [run_ids[i:i + k] for i in range(0, len(run_ids), k)]
 
 
 INGEST_WAIT_SECONDS = 15.0
@@ -138,29 +224,38 @@ def start_collection(config: ExperimentConfig, runs: int, warehouse: Warehouse, 
     return collection
 
 
-def collect_run(collection: Collection, run_id: int, log: Callable[[str], None] = lambda message: None) -> str:
-    """Train one run of the collection, ingest it, and record the outcome; returns its status:
-    ``complete``, ``failed``, or ``busy`` when another live process is training it (or has just
-    finished it), in which case this collection leaves it to that process."""
-    try:
-        outcome = train_run(collection.config, collection.trainer, collection.warehouse, run_id)
-    except ShardError as error:  # RunBusyError, or completed meanwhile by another collection
-        log(f"run {run_id}: skipped ({error})")
-        collection.summary.skipped.append(run_id)
-        return "busy"
-    if outcome.status == "complete":
-        collection.summary.trained.append(run_id)
-    else:
-        collection.summary.failed[run_id] = outcome.reason or "failed"
-    report = ingest_pending(collection.warehouse, collection.config.name, log,
-                            None if collection.backlog else [run_id])  # its own run: work that does not grow with R
+def collect_group(collection: Collection, run_ids: list[int], log: Callable[[str], None] = lambda message: None
+                  ) -> dict[int, str]:
+    """Train a group of runs of the collection together (see :func:`train_group`), ingest them,
+    store the reference run's gradient checkpoints when they were taken, and record the
+    outcomes; returns each run's status: ``complete``, ``failed``, or ``busy`` when another
+    live process is training it (or has just finished it), which this collection leaves to it."""
+    summary = collection.summary
+    result = train_group(collection.config, collection.trainer, collection.warehouse, run_ids,
+                         collection.need_gradients, log)
+    statuses = dict.fromkeys(result.skipped, "busy")
+    summary.skipped.extend(result.skipped)
+    for run_id, outcome in result.outcomes.items():
+        statuses[run_id] = outcome.status
+        if outcome.status == "complete":
+            summary.trained.append(run_id)
+        else:
+            summary.failed[run_id] = outcome.reason or "failed"
+    if result.gradients is not None:
+        store_gradients(collection.warehouse, collection.config.name, result.gradients)
+        collection.need_gradients = False
+    report = ingest_pending(collection.warehouse, collection.config.name, log,  # its own runs: work that does not
+                            None if collection.backlog else list(result.outcomes))  # grow with R
     collection.backlog = report is None
-    log(f"run {run_id}: {outcome.status}" + (f"; ingested {report.loaded_rows} rows" if report else ""))
-    return outcome.status
+    trained = ", ".join(f"run {run_id}: {outcome.status}" for run_id, outcome in result.outcomes.items())
+    if trained:
+        log(trained + (f"; ingested {report.loaded_rows} rows" if report else ""))
+    return statuses
 
 
 def finish_collection(collection: Collection) -> CollectSummary:
-    """Store the gradient checkpoints if the experiment has none yet."""
+    """Store the gradient checkpoints if the experiment still has none (its reference run was
+    collected earlier, or not in this collection): the reference run is trained again for them."""
     if collection.need_gradients:
         store_reference_gradients(collection.config, collection.warehouse, collection.trainer)
     return collection.summary
@@ -169,23 +264,26 @@ def finish_collection(collection: Collection) -> CollectSummary:
 def collect(config: ExperimentConfig, runs: int, warehouse: Warehouse, gradients: bool = True, retries: int = 0,
             progress: Callable[[int, int], None] | None = None,
             log: Callable[[str], None] = lambda message: None) -> CollectSummary:
-    """Make runs ``0..runs-1`` of the experiment complete in this process, ingesting after each,
-    then store the gradient checkpoints if they are not stored yet (the collect-runs flow does
-    the same with one Prefect task per run).
+    """Make runs ``0..runs-1`` of the experiment complete in this process, ``training.parallel_runs``
+    at a time, ingesting after each group; the reference run's gradient checkpoints are taken
+    while it trains, or afterwards if they are still missing (the collect-runs flow does the
+    same with one Prefect task per group).
 
-    A run that raises is retried up to ``retries`` times (as a new attempt, which replaces the
-    old one: never a duplicate). ``progress(done, total)`` follows every run.
+    A group that raises is retried up to ``retries`` times (as new attempts, which replace the
+    old ones: never a duplicate). ``progress(done, total)`` follows every group (counting runs).
     """
     collection = start_collection(config, runs, warehouse, gradients, log)
-    for count, run_id in enumerate(collection.todo, 1):
+    done = 0
+    for group in groups(config, collection.todo):
         for attempt in range(retries + 1):
             try:
-                collect_run(collection, run_id, log)
+                collect_group(collection, group, log)
                 break
-            except Exception as error:  # noqa: BLE001 - a crashed run is retried, then reported
+            except Exception as error:  # noqa: BLE001 - a crashed group is retried, then reported
                 if attempt == retries:
                     raise
-                log(f"run {run_id} raised {error!r}; retrying ({attempt + 1}/{retries})")
+                log(f"runs {group} raised {error!r}; retrying ({attempt + 1}/{retries})")
+        done += len(group)
         if progress is not None:
-            progress(count, len(collection.todo))
+            progress(done, len(collection.todo))
     return finish_collection(collection)

@@ -69,7 +69,13 @@ class TrainingConfig:
 
     ``optimizer``: ``adamw`` (``betas``, ``eps``) or ``sgd`` (heavy-ball ``momentum``, 0 for
     plain SGD). The optimizer is part of the experiment: the simulators take the momentum
-    kernel (how long one batch keeps moving the weights) from it."""
+    kernel (how long one batch keeps moving the weights) from it.
+
+    ``parallel_runs``: how many runs of the experiment one process trains at once (the K
+    models' parameters stacked, one vectorised forward and backward pass for all of them; see
+    :mod:`~simfluence_platform.tasks.batched`). It changes the speed only, never the losses, so
+    it is not part of the config hash. More than 1 needs dropout off and is not available with
+    prompt tuning."""
 
     method: Literal["full", "lora", "prompt_tuning"] = "full"
     freeze_embeddings: bool = False
@@ -89,6 +95,7 @@ class TrainingConfig:
     steps: int = 40
     dropout: bool = False
     eval_batch_size: int = 64
+    parallel_runs: int = 1
 
 
 @dataclass
@@ -134,8 +141,10 @@ class ExperimentConfig:
     def identity(self) -> dict[str, Any]:
         """The fields that differ from their defaults, nested like :meth:`to_dict`: what the
         config hash covers, so that adding a field with a default keeps existing experiments'
-        hashes (and their runs) valid."""
-        return _non_defaults(self.to_dict(), dataclasses.asdict(ExperimentConfig()))
+        hashes (and their runs) valid. ``training.parallel_runs`` (throughput only) is left out."""
+        values = self.to_dict()
+        values["training"].pop("parallel_runs")
+        return _non_defaults(values, dataclasses.asdict(ExperimentConfig()))
 
     def optimizer_spec(self) -> OptimizerSpec:
         """The training optimizer as the simulators see it (kind and momentum)."""
@@ -162,6 +171,12 @@ class ExperimentConfig:
             need(seed >= 0, name, f"must be non-negative, got {seed}")
         need(t.frozen_layers >= 0, "training.frozen_layers", "must be non-negative")
         need(t.eval_batch_size >= 1, "training.eval_batch_size", "must be at least 1")
+        need(t.parallel_runs >= 1, "training.parallel_runs", f"must be a positive integer, got {t.parallel_runs}")
+        if t.parallel_runs > 1:
+            need(not t.dropout, "training.parallel_runs",
+                 "> 1 needs training.dropout off (batched runs cannot reproduce each run's dropout masks)")
+            need(t.method != "prompt_tuning", "training.parallel_runs",
+                 "> 1 is not available with training.method prompt_tuning")
         need(d.n_train >= 1, "data.n_train", "must be at least 1")
         need(d.n_test >= 1, "data.n_test", "must be at least 1")
         need(t.batch_size <= d.n_train, "training.batch_size",

@@ -10,6 +10,7 @@ failed, with its reason.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -74,6 +75,13 @@ class Trainer:
             raise ValueError("training: every parameter is frozen; nothing would be trained")
         self.timings = StepTimings()
 
+    @functools.cached_property
+    def functional(self):
+        """The model as a pure function of its trainable parameters (:mod:`.functional`)."""
+        from simfluence_platform.tasks.functional import FunctionalModel
+
+        return FunctionalModel(self)
+
     @property
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters)
@@ -102,31 +110,22 @@ class Trainer:
                  for s in range(0, len(self.test_data), size)]
         return torch.cat(parts).double().cpu().numpy()
 
-    def make_optimizer(self) -> torch.optim.Optimizer:
-        """The configured optimizer over the trainable parameters (fresh state)."""
+    def make_optimizer(self, parameters: list[torch.Tensor] | None = None) -> torch.optim.Optimizer:
+        """The configured optimizer (fresh state) over ``parameters`` (default: the trainable
+        parameters). Every optimizer here is elementwise, so it may also be handed K runs'
+        parameters stacked along a new first axis: each run's slice is updated exactly as alone."""
         t = self.config.training
+        parameters = self.parameters if parameters is None else parameters
         if t.optimizer == "adamw":
-            return torch.optim.AdamW(self.parameters, lr=t.learning_rate, betas=tuple(t.betas), eps=t.eps,
+            return torch.optim.AdamW(parameters, lr=t.learning_rate, betas=tuple(t.betas), eps=t.eps,
                                      weight_decay=t.weight_decay)
-        return torch.optim.SGD(self.parameters, lr=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay)
+        return torch.optim.SGD(parameters, lr=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay)
 
     def adam_preconditioner(self) -> torch.Tensor | None:
         """``float[p]`` Adam's per-parameter step scale 1 / (sqrt(v_hat) + eps) of the current
         run's optimizer state (flat, in :attr:`parameters` order); ``None`` for SGD or before
         the first update."""
-        optimizer = getattr(self, "optimizer", None)
-        if not isinstance(optimizer, torch.optim.AdamW):
-            return None
-        beta2, eps = self.config.training.betas[1], self.config.training.eps
-        parts = []
-        for p in self.parameters:
-            state = optimizer.state.get(p)
-            if not state:
-                return None
-            step = float(state["step"])
-            v_hat = state["exp_avg_sq"] / (1 - beta2**step)
-            parts.append((1.0 / (v_hat.sqrt() + eps)).reshape(-1))
-        return torch.cat(parts)
+        return adam_step_scale(self.config, getattr(self, "optimizer", None), self.parameters)
 
     def learning_rate_schedule(self, steps: int) -> np.ndarray:
         """``float64[steps]``: the learning rate of each update."""
@@ -144,7 +143,8 @@ class Trainer:
         """Train from the initial weights on ``curriculum`` (``int[T, b]``, -1 pads).
 
         Streams losses to ``writer`` (if given) and completes or fails it. ``on_step(t)`` is
-        called after each update (progress reporting).
+        called once the losses of step ``t`` are recorded: at 0 before the first update, then
+        after each update (progress reporting, gradient checkpoints).
         """
         curriculum = np.asarray(curriculum)
         T = curriculum.shape[0]
@@ -169,6 +169,8 @@ class Trainer:
             return None
 
         failure = record(0)
+        if on_step is not None and not failure:
+            on_step(0)
         for step in range(1, T + 1):
             if failure:
                 break
@@ -193,3 +195,21 @@ class Trainer:
         if writer is not None:
             writer.fail(failure) if failure else writer.complete()
         return RunOutcome("failed" if failure else "complete", failure, losses, rates)
+
+
+def adam_step_scale(config: ExperimentConfig, optimizer: torch.optim.Optimizer | None, parameters: list[torch.Tensor],
+                    run: int | None = None) -> torch.Tensor | None:
+    """``float[p]`` Adam's step scale 1 / (sqrt(v_hat) + eps) of ``parameters`` (flat, in their
+    order); with ``run``, of that run's slice of parameters stacked ``[K, ...]``. ``None`` for
+    SGD or before the first update."""
+    if not isinstance(optimizer, torch.optim.AdamW):
+        return None
+    beta2, eps = config.training.betas[1], config.training.eps
+    parts = []
+    for p in parameters:
+        state = optimizer.state.get(p)
+        if not state:
+            return None
+        v_hat = (state["exp_avg_sq"] if run is None else state["exp_avg_sq"][run]) / (1 - beta2 ** float(state["step"]))
+        parts.append((1.0 / (v_hat.sqrt() + eps)).reshape(-1))
+    return torch.cat(parts)

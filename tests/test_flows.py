@@ -224,3 +224,24 @@ def test_optimize_trains_the_proposal_beside_random_curricula(tmp_path):
                          (["--out", "p.txt"], "write the curriculum as .json or .npy")):
         code, _, err = _cli("optimize", *args, *bad)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_train_run_flow_trains_a_group_of_runs_each_with_its_own_shards(home, tmp_path):
+    """train-run takes a batch of run ids, trains them training.parallel_runs at a time, and
+    leaves each run complete on its own; run again, it skips the complete runs."""
+    from simfluence_platform.flows.train_run import train_run
+    from simfluence_platform.storage.experiments import complete_run_ids
+    from simfluence_platform.storage.ingest import ingest
+    from simfluence_platform.tasks.collect import prepare, register
+    from simfluence_platform.tasks.config import load_config
+
+    path = tmp_path / "batched.yaml"
+    path.write_text("preset: tiny\nname: tiny-batched\ntraining: {parallel_runs: 2}\n")
+    config, warehouse = load_config(path), str(home / "batched" / "warehouse.duckdb")
+    register(config, Warehouse(warehouse), prepare(config, 3))
+    first = train_run(run_ids=[0, 1, 2], preset=None, config_path=str(path), warehouse=warehouse)
+    assert {r: run["status"] for r, run in first["runs"].items()} == {0: "complete", 1: "complete", 2: "complete"}
+    again = train_run(run_ids=[1, 2], preset=None, config_path=str(path), warehouse=warehouse)
+    assert {r: run["status"] for r, run in again["runs"].items()} == {1: "skipped", 2: "skipped"}
+    ingest(Warehouse(warehouse), "tiny-batched")
+    assert complete_run_ids(Warehouse(warehouse), "tiny-batched") == {0, 1, 2}
