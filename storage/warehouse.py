@@ -208,8 +208,20 @@ MIGRATIONS: list[str] = [
     """,
     # 3: the effects table (expected leave-one-out effect of each training example on each test
     # example's final loss, with bootstrap intervals; test_id NULL: the mean over test examples)
-    # and its views joined to the examples' text and label.
+    # and its views joined to the examples' text and label; example coverage counts sampled runs
+    # only (not the verification runs that `simfluence optimize` trains).
     """
+    CREATE OR REPLACE VIEW example_coverage AS
+        SELECT e.experiment, e.example_id,
+               count(b.run_id) AS occurrences,
+               count(DISTINCT b.run_id) AS runs_with
+        FROM examples e
+        LEFT JOIN (SELECT b.* FROM batches b JOIN runs r USING (experiment, run_id)
+                   WHERE r.status = 'complete'
+                     AND coalesce(r.curriculum_kind, '') NOT IN ('optimize-proposed', 'optimize-random')) b
+          ON b.experiment = e.experiment AND b.example_id = e.example_id
+        WHERE e.split = 'train'
+        GROUP BY e.experiment, e.example_id;
     CREATE TABLE effects (
         experiment     VARCHAR NOT NULL,
         version        VARCHAR NOT NULL,

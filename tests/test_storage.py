@@ -430,5 +430,8 @@ def test_verification_runs_are_kept_apart_from_sampled_runs(wh):
     assert complete_run_ids(wh, "exp", verification=True) == {VERIFICATION_RUN_BASE + 1, VERIFICATION_RUN_BASE + 2}
     assert next_verification_run_ids(wh, "exp", 1) == [VERIFICATION_RUN_BASE + 3]
     assert max_repeats_in_runs(wh, "exp", [0]) == np.bincount(runs.batches[0].ravel()).max()
+    with wh.reader() as con:  # coverage counts the sampled run only
+        occurrences = con.execute("SELECT sum(occurrences) FROM example_coverage WHERE experiment = 'exp'").fetchall()
+    assert occurrences == [(int((runs.batches[0] >= 0).sum()),)]
     LossShardWriter(wh.shard_root, RunHeader("exp", VERIFICATION_RUN_BASE + 7, 4, 2, 5)).close()  # not ingested
     assert next_verification_run_ids(wh, "exp", 1) == [VERIFICATION_RUN_BASE + 8]
