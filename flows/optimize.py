@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from simfluence.optimize import Constraints
 from simfluence_platform.flows.collect import artifact_key, train_on_workers
-from simfluence_platform.flows.common import warehouse as open_warehouse
+from simfluence_platform.flows.common import run_name, warehouse as open_warehouse
 from simfluence_platform.flows.ingest import ingest_shards
 from simfluence_platform.tasks.config import stored_config
 from simfluence_platform.storage.experiments import next_verification_run_ids
@@ -39,7 +39,7 @@ def compare_task(plan: Plan, run_ids: list[int], warehouse: str | None) -> dict:
     return compare(open_warehouse(warehouse), plan, run_ids)
 
 
-@flow(name="optimize-curriculum", log_prints=True)
+@flow(name="optimize-curriculum", log_prints=True, flow_run_name=run_name("optimize"))
 def optimize_curriculum(experiment: str = "demo", ref: str = "best", tests: list[int] | None = None,
                         include: list[int] | None = None, exclude: list[int] | None = None,
                         max_repeats: int | None = None, random: int = 3, seed: int = 0, starts: int = 256,
