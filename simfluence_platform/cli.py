@@ -697,7 +697,7 @@ def cmd_registry(args: argparse.Namespace) -> dict | list:
     warehouse = _warehouse(args)
     if args.action == "list":
         rows = registry.list_versions(warehouse, args.experiment)
-        scores = _leaderboard_rows(warehouse, args.experiment)
+        scores = registry.leaderboard_by_version(warehouse, args.experiment)
         for row in rows:
             row.update(scores.get(row["version"], {}))
         if not args.json:
@@ -723,10 +723,9 @@ def cmd_registry(args: argparse.Namespace) -> dict | list:
     if args.action == "show" and len(args.refs) != 1:
         raise RegistryUsageError("registry show takes one version or alias (compare takes several)")
     rows = registry.compare(warehouse, args.experiment, args.refs)
+    scores = registry.leaderboard_by_version(warehouse, args.experiment)
     for row in rows:
-        info = registry.resolve(warehouse, args.experiment, row["version"])
-        row.update({"data_hash": info.manifest["data_hash"], "code_version": info.manifest.get("code_version"),
-                    "heldout": _leaderboard_rows(warehouse, args.experiment).get(row["version"], {})})
+        row["heldout"] = scores.get(row["version"], {})
     if not args.json:
         for row in rows:
             print(f"{row['ref']} = {row['version']}: {row['name']} ({row['method']}), {row['n_fit_runs']} fitting and "
@@ -739,13 +738,6 @@ def cmd_registry(args: argparse.Namespace) -> dict | list:
 def _short_json(value: object, width: int = 400) -> str:
     text = json.dumps(_jsonable(value)) if value else ""
     return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _leaderboard_rows(warehouse, experiment: str) -> dict[str, dict]:
-    """version -> its held-out scores from the leaderboard view."""
-    from simfluence_platform.storage.registry import leaderboard_by_version
-
-    return leaderboard_by_version(warehouse, experiment)
 
 
 class RegistryUsageError(UserError, ValueError):

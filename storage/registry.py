@@ -307,7 +307,8 @@ def compare(warehouse: Warehouse, experiment: str, refs: list[str]) -> list[dict
         m = info.manifest
         out.append({"ref": ref, "version": info.version, "name": m["name"], "method": m["method"],
                     "hyperparameters": m["hyperparameters"], "n_fit_runs": len(m["fit_run_ids"]),
-                    "n_heldout_runs": len(m["heldout_run_ids"]), "metrics": m["metrics"]})
+                    "n_heldout_runs": len(m["heldout_run_ids"]), "metrics": m["metrics"],
+                    "data_hash": m["data_hash"], "code_version": m.get("code_version")})
     return out
 
 
