@@ -221,7 +221,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # AdamW at lr 1e-4: the regime where the curriculum is predictable (bench/regimes.py);
         # at 3e-4 each step is mostly noise the curriculum does not explain.
         # parallel_runs: 8 runs trained at once on stacked parameters (the same losses as one at a
-        # time, to 1e-5; 2.8x the runs per hour on 2 CPU cores; not part of the config hash).
+        # time, to 1e-5; about 1.1x the runs per hour on 2 idle CPU cores, more on busy ones; meant
+        # for GPUs; not part of the config hash).
         "training": {"learning_rate": 1e-4, "batch_size": 4, "steps": 30, "freeze_embeddings": True,
                      "parallel_runs": 8},
         "gradients": {"checkpoint_steps": [0, 5, 10, 15, 20, 25], "projection_dim": 256},
