@@ -411,12 +411,6 @@ def _interval(low: float, high: float) -> str:
     return f" [{low:+.4f}, {high:+.4f}]" if math.isfinite(low) and math.isfinite(high) else ""
 
 
-def _snippet(text: str | None, width: int = 60) -> str:
-    """One line of an example's text, cut to ``width`` characters."""
-    line = " ".join((text or "").split())
-    return line if len(line) <= width else line[: width - 1] + "…"
-
-
 def _examples(args: argparse.Namespace, split: str) -> dict[int, tuple[str, str]]:
     """``example_id -> (text, label)`` of one split of the experiment."""
     from simfluence_platform.storage.effects import example_labels
@@ -428,7 +422,8 @@ def _examples(args: argparse.Namespace, split: str) -> dict[int, tuple[str, str]
 def cmd_whatif(args: argparse.Namespace) -> dict:
     """Simulate an observed run edited, beside the run itself and its plain simulation."""
     from simfluence import plots, whatif
-    from simfluence_platform.tasks.whatif import ask, heldout_error, refits, trajectory_table, write_table
+    from simfluence_platform.tasks.whatif import (ask, heldout_error, heldout_runs, refits, trajectory_table,
+                                                  write_table)
 
     warehouse = _warehouse(args)
     question = ask(warehouse, args.experiment, args.ref, args.run, getattr(args, "curriculum", None))
@@ -439,7 +434,7 @@ def cmd_whatif(args: argparse.Namespace) -> dict:
     result, draws = whatif.change_draws(question.simulator, question.curriculum, edited, question.initial_loss,
                                         refitted)
     low, high = whatif.interval(draws, ANSWER.level)
-    error = heldout_error(warehouse, args.experiment, question)
+    error = heldout_error(question, heldout_runs(warehouse, args.experiment, question))
     columns = {"simulated_base": result.base, "simulated_whatif": result.edited}
     if question.observed is not None:
         columns = {"observed": question.observed, **columns}
@@ -515,7 +510,7 @@ def cmd_influence(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from simfluence import plots, whatif
-    from simfluence_platform.tasks.whatif import ask, heldout_error, refits, write_table
+    from simfluence_platform.tasks.whatif import ask, heldout_error, heldout_runs, refits, snippet, write_table
 
     warehouse = _warehouse(args)
     question = ask(warehouse, args.experiment, args.ref, args.run, args.curriculum)
@@ -525,14 +520,14 @@ def cmd_influence(args: argparse.Namespace) -> dict:
     stages.update()
     ranking = whatif.influence(question.simulator, question.curriculum, question.initial_loss, tests, refitted,
                                ANSWER.level)
-    error = heldout_error(warehouse, args.experiment, question)
+    error = heldout_error(question, heldout_runs(warehouse, args.experiment, question))
     scale = error.mean if tests is None else float(np.mean([error.per_test[p] for p in whatif.test_positions(
         question.simulator, question.initial_loss, tests)]))
     examples = _examples(args, "train")
     ranking = ranking.with_columns(
         (pl.col("effect").abs() < scale).alias("below_error"),
         pl.col("example_id").map_elements(lambda i: examples.get(i, ("", ""))[1], return_dtype=pl.Utf8).alias("label"),
-        pl.col("example_id").map_elements(lambda i: _snippet(examples.get(i, ("", ""))[0]),
+        pl.col("example_id").map_elements(lambda i: snippet(examples.get(i, ("", ""))[0], 60),
                                           return_dtype=pl.Utf8).alias("text"))
     stages.update()
     candidates = whatif.strongest(ranking, args.pairs)

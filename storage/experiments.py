@@ -238,7 +238,7 @@ def experiment_info(warehouse: Warehouse, experiment: str) -> ExperimentInfo:
 # random curricula beside it. They are not samples of the experiment's curriculum distribution
 # (the proposal is chosen by a simulator), so fitting, held-out evaluation and refit never
 # count them; their ids start at VERIFICATION_RUN_BASE, clear of the sampled runs 0, 1, 2, ...
-VERIFICATION_KINDS = ("optimize-proposed", "optimize-random")
+VERIFICATION_KINDS = ("optimize-proposed", "optimize-random")  # also spelled out in migration 3's example_coverage
 VERIFICATION_RUN_BASE = 1_000_000
 
 

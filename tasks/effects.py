@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import polars as pl
 
 from simfluence import whatif
+from simfluence.simulators import Simulator
 from simfluence_platform.storage.effects import named_effects, store_effects
 from simfluence_platform.storage.warehouse import Warehouse
-from simfluence.simulators import Simulator
 from simfluence_platform.tasks.whatif import (HeldoutError, Question, ask, base_curricula, flag_within_error,
-                                              heldout_error, refits)
+                                              heldout_error, heldout_runs, refits)
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,10 @@ def compute_effects(warehouse: Warehouse, experiment: str, ref: str = "best", cu
 def effects_for(warehouse: Warehouse, experiment: str, question: Question, refitted: list[Simulator],
                 curricula: str = "heldout", level: float = 0.95) -> EffectsAnswer:
     """:func:`compute_effects` for a loaded question and its bootstrap refits (shared with the report)."""
-    label, base, starts = base_curricula(warehouse, experiment, question, curricula)
+    held = heldout_runs(warehouse, experiment, question)  # read once: the base curricula and the error scale
+    label, base, starts = base_curricula(warehouse, experiment, held, curricula)
     result = whatif.effects(question.simulator, base, starts, refitted, level)
-    error = heldout_error(warehouse, experiment, question)
+    error = heldout_error(question, held)
     frame = flag_within_error(result.table(question.simulator.test_ids), error, question.simulator.test_ids)
     store_effects(warehouse, experiment, question.version, frame, label, len(refitted))
     return EffectsAnswer(question.version, question.name, label, len(base), len(refitted), level, error,

@@ -16,7 +16,6 @@ import numpy as np
 
 from simfluence import optimize
 from simfluence.optimize import Constraints
-from simfluence.simulators import Simulator
 from simfluence.whatif import test_positions
 from simfluence_platform.storage import registry
 from simfluence_platform.storage.experiments import (
@@ -27,7 +26,7 @@ from simfluence_platform.storage.experiments import (
 )
 from simfluence_platform.storage.warehouse import Warehouse
 from simfluence_platform.tasks.config import ExperimentConfig
-from simfluence_platform.tasks.whatif import Question, ask
+from simfluence_platform.tasks.whatif import Question, ask, heldout_error, heldout_runs
 
 PROPOSED, RANDOM = VERIFICATION_KINDS
 
@@ -48,7 +47,8 @@ class Plan:
     """A proposed curriculum and the random ones to train beside it.
 
     ``curricula: int64[1 + N, T, b]`` (the proposal first); ``predicted: float64[1 + N]`` their
-    simulated mean final loss (nats) over ``tests`` from the base run's initial losses;
+    simulated mean final loss (nats) over ``tests`` (at ``positions`` of the simulator's test
+    examples) from the base run's initial losses;
     ``heldout_rmse``: the simulator's root-mean-square error (nats) of that quantity on its
     held-out runs, and ``heldout_spread`` the standard deviation of the observed quantity across
     them (how much curricula move it at all); ``constraints`` those in force and
@@ -60,6 +60,7 @@ class Plan:
     method: str
     base_run: int
     test_ids: list[int]
+    positions: np.ndarray
     curricula: np.ndarray
     predicted: np.ndarray
     search_start: float
@@ -76,20 +77,11 @@ class Plan:
         return [PROPOSED] + [RANDOM] * (len(self.curricula) - 1)
 
 
-def heldout_error(simulator: Simulator, warehouse: Warehouse, experiment: str, run_ids: list[int],
-                  tests: np.ndarray) -> tuple[float, float]:
-    """(RMSE of the simulated mean final loss over ``tests`` on the runs ``run_ids``, each from
-    its own initial losses; standard deviation of the observed one across them), in nats."""
-    runs = load_runset(warehouse, experiment, run_ids=run_ids, test_ids=simulator.test_ids)
-    predicted = simulator.simulate(runs.batches, runs.initial_loss)[:, -1, tests].mean(axis=1)
-    observed = runs.losses[:, -1, tests].mean(axis=1)
-    return float(np.sqrt(np.mean((predicted - observed) ** 2))), float(observed.std())
-
-
 @dataclass(frozen=True)
 class Request:
     """A checked optimisation request: the simulator and base run (``question``), the test
-    positions, the slots ``bool[T, b]`` of the experiment's runs, the constraints in force, the
+    positions, the slots ``bool[T, b]`` of the experiment's runs, the constraints in force and the
+    feasible search space they make, the
     most repeats of one example within one of the simulator's fitting runs, and the trust
     region ``bounds: float[2, m]`` (None: unbounded)."""
 
@@ -97,8 +89,8 @@ class Request:
     positions: np.ndarray
     slots: np.ndarray
     constraints: Constraints
+    space: optimize.Space
     fitted_max_repeats: int
-    heldout_run_ids: list[int]
     bounds: np.ndarray | None
 
 
@@ -113,17 +105,16 @@ def check_request(warehouse: Warehouse, experiment: str, ref: str = "best", test
     question = ask(warehouse, experiment, ref)
     simulator = question.simulator
     positions = test_positions(simulator, question.initial_loss, tests)
-    manifest = registry.resolve(warehouse, experiment, question.version).manifest
-    fitted = max_repeats_in_runs(warehouse, experiment, manifest["fit_run_ids"])
+    fitted = max_repeats_in_runs(warehouse, experiment, question.fit_run_ids)
     bounds = None
     if trust_region:
         if constraints.max_repeats is None and fitted:
             constraints = replace(constraints, max_repeats=fitted)
-        seen = load_runset(warehouse, experiment, run_ids=manifest["fit_run_ids"], test_ids=simulator.test_ids).losses
+        seen = load_runset(warehouse, experiment, run_ids=question.fit_run_ids, test_ids=simulator.test_ids).losses
         bounds = np.stack([seen.min(axis=(0, 1)), seen.max(axis=(0, 1))])
     slots = question.curriculum >= 0
-    optimize.search_space(simulator.n_train, slots, constraints)
-    return Request(question, positions, slots, constraints, fitted, manifest["heldout_run_ids"], bounds)
+    space = optimize.search_space(simulator.n_train, slots, constraints)  # raises on impossible constraints
+    return Request(question, positions, slots, constraints, space, fitted, bounds)
 
 
 def propose(warehouse: Warehouse, experiment: str, ref: str = "best", tests: list[int] | None = None,
@@ -140,14 +131,13 @@ def propose(warehouse: Warehouse, experiment: str, ref: str = "best", tests: lis
                                  tests=positions, starts=settings.starts, iterations=settings.iterations,
                                  candidates=settings.candidates, temperature=settings.temperature,
                                  bounds=request.bounds, seed=settings.seed)
-    space = optimize.search_space(simulator.n_train, request.slots, request.constraints)
-    others = optimize.random_curricula(space, random, np.random.default_rng([settings.seed, 1]))
+    others = optimize.random_curricula(request.space, random, np.random.default_rng([settings.seed, 1]))
     chosen = np.concatenate([proposal.curriculum[None], others])
     predicted = optimize.final_loss(simulator, chosen, question.initial_loss, positions)
-    rmse, spread = heldout_error(simulator, warehouse, experiment, request.heldout_run_ids, positions)
+    error = heldout_error(question, heldout_runs(warehouse, experiment, question), positions)
     return Plan(experiment, question.version, question.name, int(question.run_id),
-                [int(t) for t in simulator.test_ids[positions]], chosen, predicted, proposal.start,
-                proposal.evaluations, rmse, spread, len(request.heldout_run_ids), request.constraints,
+                [int(t) for t in simulator.test_ids[positions]], positions, chosen, predicted, proposal.start,
+                proposal.evaluations, error.mean, error.spread, len(question.heldout_run_ids), request.constraints,
                 request.fitted_max_repeats, request.bounds is not None)
 
 
@@ -173,7 +163,7 @@ def compare(warehouse: Warehouse, plan: Plan, run_ids: list[int]) -> dict:
     run; the prediction here starts from the run's own initial losses, as held-out evaluation
     does. A run that did not complete has ``actual`` None."""
     simulator, _ = registry.load(warehouse, plan.experiment, plan.version)
-    positions = test_positions(simulator, np.zeros(len(simulator.test_ids)), plan.test_ids)
+    positions = plan.positions
     done = complete_run_ids(warehouse, plan.experiment, verification=True)
     trained = [r for r in run_ids if r in done]
     predicted: dict[int, float] = {}

@@ -30,7 +30,7 @@ from simfluence_platform.tasks.evaluate import TRAJECTORY_ALIASES, method_aliase
 from simfluence_platform.tasks.session import ExperimentSession
 from simfluence_platform.tasks.effects import EffectsAnswer, effects_for
 from simfluence_platform.tasks.steps import ANSWER
-from simfluence_platform.tasks.whatif import ask, refits
+from simfluence_platform.tasks.whatif import ask, refits, snippet
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
@@ -94,7 +94,7 @@ def _summary(board: pl.DataFrame, question, effects: EffectsAnswer) -> list[str]
         def describe(row: dict) -> str:
             interval = ("" if row["ci_low"] is None else f" [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]")
             return (f"example {row['train_id']} ({html.escape(str(row['train_label']))}, "
-                    f"&ldquo;{html.escape(_snippet(row['train_text']))}&rdquo;) {row['effect']:+.4f} nats{interval}")
+                    f"&ldquo;{html.escape(snippet(row['train_text'], 80))}&rdquo;) {row['effect']:+.4f} nats{interval}")
         helpful, harmful = ranking.row(0, named=True), ranking.row(ranking.height - 1, named=True)
         parts.append(f"Averaged over {effects.n_curricula} held-out curricula, the strongest effects on the mean "
                      f"final test loss are: most helpful {describe(helpful)}; most harmful {describe(harmful)} "
@@ -126,11 +126,6 @@ class Report:
 
     path: Path
     summary: list[str]
-
-
-def _snippet(text: str | None, width: int = 80) -> str:
-    line = " ".join((text or "").split())
-    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def build_report(warehouse: Warehouse, experiment: str, ref: str = "best", out: str | Path | None = None,
@@ -188,7 +183,7 @@ def build_report(warehouse: Warehouse, experiment: str, ref: str = "best", out: 
             sections.append("<p class='note'>No evaluations yet: run evaluate-simulators.</p>")
         step("influence")
         shown = ["train_id", "train_label", "effect", "ci_low", "ci_high", "below_error", "train_text"]
-        ranking = effects.ranking(None).with_columns(pl.col("train_text").map_elements(_snippet, return_dtype=pl.Utf8))
+        ranking = effects.ranking(None).with_columns(pl.col("train_text").map_elements(lambda text: snippet(text, 80), return_dtype=pl.Utf8))
         sections += [
             f"<h2>Effects: {html.escape(question.name)} <code>{question.version}</code></h2>",
             f"<p class='note'>Expected leave-one-out effect on the mean final test loss (nats; negative: the example "

@@ -9,6 +9,7 @@ import numpy as np
 import polars as pl
 
 from simfluence import curricula, whatif
+from simfluence.runset import RunSet
 from simfluence.simulators import Simulator, SimulatorError
 from simfluence_platform.storage import registry
 from simfluence_platform.storage.experiments import experiment_info, load_runset
@@ -81,20 +82,31 @@ def refits(warehouse: Warehouse, experiment: str, question: Question, n: int, se
 @dataclass(frozen=True)
 class HeldoutError:
     """How far the simulator's final losses were off on its held-out runs (nats, root mean
-    square over the runs): ``per_test``: ``float[m]``; ``mean``: of the mean over test examples.
-    An answer smaller than this is within the simulator's own error on comparable runs."""
+    square over the runs): ``per_test``: ``float[m]``; ``mean``: of the mean over the chosen test
+    examples; ``spread``: the standard deviation of that observed mean across the runs (how much
+    curricula move it at all). An answer smaller than ``mean`` is within the simulator's own
+    error on comparable runs."""
 
     per_test: np.ndarray
     mean: float
+    spread: float
 
 
-def heldout_error(warehouse: Warehouse, experiment: str, question: Question) -> HeldoutError:
-    """The simulator's final-loss error on its held-out runs, each simulated from its own start."""
-    runs = load_runset(warehouse, experiment, run_ids=question.heldout_run_ids, test_ids=question.simulator.test_ids)
+def heldout_runs(warehouse: Warehouse, experiment: str, question: Question) -> RunSet:
+    """The simulator's held-out runs, restricted to its test examples."""
+    return load_runset(warehouse, experiment, run_ids=question.heldout_run_ids, test_ids=question.simulator.test_ids)
+
+
+def heldout_error(question: Question, runs: RunSet, positions: np.ndarray | None = None) -> HeldoutError:
+    """The simulator's final-loss error on its held-out ``runs`` (see :func:`heldout_runs`),
+    each simulated from its own start; the mean over the test ``positions`` (default all)."""
     final = question.simulator.simulate(runs.batches, runs.initial_loss)[:, -1]
     true = runs.losses[:, -1]
+    chosen = slice(None) if positions is None else positions
+    observed = true[:, chosen].mean(axis=1)
     return HeldoutError(np.sqrt(np.mean((final - true) ** 2, axis=0)),
-                        float(np.sqrt(np.mean((final.mean(axis=1) - true.mean(axis=1)) ** 2))))
+                        float(np.sqrt(np.mean((final[:, chosen].mean(axis=1) - observed) ** 2))),
+                        float(observed.std()))
 
 
 def flag_within_error(frame: pl.DataFrame, error: HeldoutError, test_ids: np.ndarray) -> pl.DataFrame:
@@ -106,16 +118,15 @@ def flag_within_error(frame: pl.DataFrame, error: HeldoutError, test_ids: np.nda
     return out.with_columns((pl.col("effect").abs() < pl.col("heldout_error")).alias("below_error"))
 
 
-def base_curricula(warehouse: Warehouse, experiment: str, question: Question,
+def base_curricula(warehouse: Warehouse, experiment: str, held: RunSet,
                    curricula_spec: str) -> tuple[str, np.ndarray, np.ndarray]:
-    """The base curricula of an effects table: ``heldout`` (the simulator's held-out runs, each
-    from its own initial losses) or a count ``N`` of curricula drawn by the experiment's own
-    sampler (run ids past any collected run), from the held-out runs' mean initial losses.
-    Returns (label, ``int[K, T, b]``, ``float[K, m]``)."""
-    from simfluence_platform.tasks.config import from_dict
+    """The base curricula of an effects table: ``heldout`` (the simulator's held-out runs
+    ``held``, each from its own initial losses) or a count ``N`` of curricula drawn by the
+    experiment's own sampler (run ids past any collected run), from the held-out runs' mean
+    initial losses. Returns (label, ``int[K, T, b]``, ``float[K, m]``)."""
+    from simfluence_platform.tasks.config import stored_config
     from simfluence_platform.tasks.runs import curriculum_for_run
 
-    held = load_runset(warehouse, experiment, run_ids=question.heldout_run_ids, test_ids=question.simulator.test_ids)
     if curricula_spec == "heldout":
         return "heldout", held.batches, held.initial_loss
     try:
@@ -124,7 +135,7 @@ def base_curricula(warehouse: Warehouse, experiment: str, question: Question,
         count = 0
     if count < 1:
         raise EffectsRequestError(f"--curricula takes 'heldout' or a positive number of curricula, got {curricula_spec!r}")
-    config = from_dict(experiment_info(warehouse, experiment).config, where=f"experiment {experiment!r}")
+    config = stored_config(warehouse, experiment)
     if config.curriculum.kind == "explicit":
         raise EffectsRequestError(f"experiment {experiment!r} has explicit curricula (no sampler to draw from); "
                                   f"use --curricula heldout")
@@ -138,6 +149,12 @@ SAMPLED_RUN_OFFSET = 1_000_000_000
 
 class EffectsRequestError(UserError, ValueError):
     """A bad --curricula value or an experiment whose curricula cannot be sampled."""
+
+
+def snippet(text: str | None, width: int) -> str:
+    """One line of an example's text, cut to ``width`` characters."""
+    line = " ".join((text or "").split())
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def trajectory_table(steps_by_name: dict[str, np.ndarray], test_ids: np.ndarray, tests: np.ndarray) -> pl.DataFrame:
