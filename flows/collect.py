@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from simfluence_platform.flows.common import experiment_config, run_name, warehouse as open_warehouse
+from simfluence_platform.flows.common import experiment_config, group_name, run_name, warehouse as open_warehouse
 from simfluence_platform.flows.ingest import ingest_shards
 from simfluence_platform.storage.experiments import complete_run_ids, has_gradients
 from simfluence_platform.tasks.collect import (
@@ -50,11 +50,6 @@ def train_run_task(collection: Collection, run_ids: list[int]) -> dict[int, str]
     """One group of training runs of an in-process collection (trained together), ingested:
     retried on its own."""
     return collect_group(collection, run_ids, log=get_run_logger().info)
-
-
-def group_name(run_ids: list[int]) -> str:
-    """``0``, or ``0-1-2-3`` for a group of runs: the suffix of their task and flow run names."""
-    return "-".join(map(str, run_ids))
 
 
 @task(name="reference-gradients", cache_policy=NO_CACHE)

@@ -27,6 +27,11 @@ def warehouse(path: str | None) -> Warehouse:
     return Warehouse(path)
 
 
+def group_name(run_ids: list[int]) -> str:
+    """``0``, or ``0-1-2-3`` for a group of runs: the suffix of their task and flow run names."""
+    return "-".join(map(str, run_ids))
+
+
 def run_name(kind: str) -> Callable[[], str]:
     """A flow-run name from the run's parameters, for the UI: ``<kind>-<experiment or preset or
     config file>`` and ``-<runs>-runs`` when the flow collects (``all`` when none is named)."""

@@ -12,7 +12,7 @@ import numpy as np
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from simfluence_platform.flows.common import experiment_config, warehouse as open_warehouse
+from simfluence_platform.flows.common import experiment_config, group_name, warehouse as open_warehouse
 from simfluence_platform.storage.experiments import config_hash
 from simfluence_platform.storage.shards import ShardError
 from simfluence_platform.tasks.collect import groups, train_group, train_run as train_one
@@ -21,7 +21,7 @@ from simfluence_platform.tasks.data import load_examples
 
 def _name() -> str:
     """``train-run-0``, or ``train-run-0-1-2-3`` for a group."""
-    return "train-run-" + "-".join(map(str, flow_run.parameters["run_ids"]))
+    return "train-run-" + group_name(flow_run.parameters["run_ids"])
 
 
 @flow(name="train-run", log_prints=True, flow_run_name=_name, retries=1, retry_delay_seconds=10)

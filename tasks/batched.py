@@ -40,8 +40,9 @@ class BatchedTrainer:
             raise ValueError("training.dropout: batched runs cannot reproduce each run's dropout masks")
         self.trainer = trainer
         self.functional = trainer.functional
-        self.initial = {name: trainer.initial_state[name].detach().clone() for name in self.functional.names}
+        self.initial = {name: trainer.initial_state[name] for name in self.functional.names}  # a copy nothing changes
         self.test_mask = self.functional.mask(trainer.test_data.attention_mask)
+        self.test_loss = vmap(self.functional.losses, in_dims=(0, None, None, None, None))
         self.stacked: dict[str, torch.Tensor] = {}
         self.optimizer: torch.optim.Optimizer | None = None
 
@@ -59,12 +60,11 @@ class BatchedTrainer:
         trainer, data = self.trainer, self.trainer.test_data
         trainer.model.eval()
         size = trainer.config.training.eval_batch_size
-        loss = vmap(self.functional.losses, in_dims=(0, None, None, None, None))
         parts = []
         for start in range(0, len(data), size):
             rows = slice(start, min(start + size, len(data)))
             prefix = None if data.prefix is None else data.prefix[rows]
-            parts.append(loss(self.stacked, data.input_ids[rows], self.test_mask[rows], data.labels[rows], prefix))
+            parts.append(self.test_loss(self.stacked, data.input_ids[rows], self.test_mask[rows], data.labels[rows], prefix))
         return torch.cat(parts, dim=1).double().cpu().numpy()
 
     def run(self, curricula: Sequence[np.ndarray], writers: Sequence[LossShardWriter | None] | None = None,
@@ -86,6 +86,8 @@ class BatchedTrainer:
         prefix_dim = None if trainer.train_data.prefix is None else 0
         train_loss = vmap(self.functional.losses, in_dims=(0, 0, 0, 0, prefix_dim))
         data = trainer.train_data
+        b = batches.shape[2]
+        shaped = lambda x: None if x is None else x.reshape(K, b, *x.shape[1:])  # noqa: E731
 
         def record(step: int) -> None:
             start = time.perf_counter()
@@ -110,9 +112,7 @@ class BatchedTrainer:
                 break
             start = time.perf_counter()
             rows, weights = stack_rows(data, batches[:, step - 1])
-            b = batches.shape[2]
-            shaped = lambda x: None if x is None else x.reshape(K, b, *x.shape[1:])  # noqa: E731
-            trainer.model.train(False)  # dropout is off whenever parallel_runs > 1
+            trainer.model.train(False)  # dropout is off whenever parallel_runs > 1 (evaluate sets eval too)
             for group in self.optimizer.param_groups:
                 group["lr"] = rates[step - 1]
             mask = self.functional.mask(rows.attention_mask)
