@@ -162,6 +162,7 @@ def neighbours(curriculum: np.ndarray, space: Space, count: int, rng: np.random.
     counts = np.bincount(curriculum[space.slots], minlength=space.n_train)
     is_included = np.zeros(space.n_train, dtype=bool)
     is_included[space.include] = True
+    below_cap = space.allowed[counts[space.allowed] < space.cap]  # fixed for this curriculum
     out = np.repeat(curriculum[None], count, axis=0)
     for k in range(count):
         for _ in range(20):  # rejection: a drawn move may be impossible; then draw again
@@ -170,8 +171,7 @@ def neighbours(curriculum: np.ndarray, space: Space, count: int, rng: np.random.
                 old = curriculum[t, p]
                 if is_included[old] and counts[old] == 1:
                     continue
-                free = space.allowed[counts[space.allowed] < space.cap]
-                free = free[~np.isin(free, curriculum[t])]
+                free = below_cap[~np.isin(below_cap, curriculum[t])]
                 if free.size == 0:
                     continue
                 out[k, t, p] = free[rng.integers(free.size)]

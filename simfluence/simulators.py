@@ -306,9 +306,8 @@ class LinearParameters:
             self._tables[key] = np.concatenate([b for b in (self.A, self.B) if b is not None], axis=1).astype(dtype)
         effect = step_counts @ self._tables[key]
         m, g = self.n_tests, min(step, len(self.alpha0) - 1)
-        zeros = np.zeros((effect.shape[0], m), dtype=dtype)
-        alpha = effect[:, :m] if self.A is not None else zeros.copy()
-        beta = effect[:, -m:] if self.B is not None else zeros
+        alpha = effect[:, :m] if self.A is not None else np.zeros((effect.shape[0], m), dtype=dtype)
+        beta = effect[:, -m:] if self.B is not None else np.zeros((effect.shape[0], m), dtype=dtype)
         alpha += self.base + self.alpha0[g].astype(dtype)
         beta += self.beta0[g].astype(dtype)
         return alpha, beta
@@ -330,9 +329,10 @@ class LinearParameters:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """For a bundle: every block, a missing one as zeros (the format is the same for all)."""
-        zeros = np.zeros((self.n_train, self.n_tests))
-        return {"A": zeros if self.A is None else self.A, "B": zeros if self.B is None else self.B,
-                "alpha0": self.alpha0, "beta0": self.beta0}
+        def block(values: np.ndarray | None) -> np.ndarray:
+            return np.zeros((self.n_train, self.n_tests)) if values is None else values
+
+        return {"A": block(self.A), "B": block(self.B), "alpha0": self.alpha0, "beta0": self.beta0}
 
 
 class SimfluenceLinear(Simulator):
