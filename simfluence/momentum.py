@@ -327,13 +327,11 @@ class SimfluenceMomentum(Simulator):
 
     # ---- simulation --------------------------------------------------------------------------
 
-    def simulate(self, batches: np.ndarray, initial_loss: np.ndarray, *, max_chunk_bytes: int = 256 * 2**20,
-                 dtype: type = np.float64) -> np.ndarray:
-        """Roll forward from ``initial_loss`` (``float[R, m]``) over ``batches`` (``int[R, T, b]``)
-        and shrink toward the mean trajectory; returns ``dtype[R, T+1, m]``. Beyond the fitted
-        number of steps the last step's intercepts, scale and learning rate are used and the
-        mean trajectory stays flat."""
-        batches, initial_loss = self._check_inputs(batches, initial_loss)
+    def _rollout(self, batches: np.ndarray, initial_loss: np.ndarray, max_chunk_bytes: int,
+                 dtype: type) -> np.ndarray:
+        """Roll forward with the momentum state and shrink toward the mean trajectory. Beyond the
+        fitted number of steps the last step's intercepts, scale and learning rate are used and
+        the mean trajectory stays flat."""
         R, T, _ = batches.shape
         m = len(self.test_ids)
         out = np.empty((R, T + 1, m), dtype=dtype)
@@ -383,29 +381,6 @@ class SimfluenceMomentum(Simulator):
         self.params = {k.removeprefix("param_"): v for k, v in arrays.items() if k.startswith("param_")}
         self.dots, self.dot_steps = arrays["dots"], arrays["dot_steps"]
         self.learning_rates, self.step_change = arrays["learning_rates"], arrays["step_change"]
-
-    def _coefficients(self, step_counts, step, dtype):  # pragma: no cover - simulate is overridden
-        raise NotImplementedError("SimfluenceMomentum rolls out with its own momentum state")
-
-    def _check_inputs(self, batches: np.ndarray, initial_loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.n_train is None or self.test_ids is None or not hasattr(self, "params"):
-            raise SimulatorError(f"{self.method}: call fit() (or load a fitted simulator) before simulate()")
-        batches = np.asarray(batches)
-        if batches.ndim != 3 or not np.issubdtype(batches.dtype, np.integer):
-            raise SimulatorError(f"batches must be an integer array [R, T, b], got {batches.dtype} {batches.shape}")
-        bad = (batches < PAD) | (batches >= self.n_train)
-        if bad.any():
-            index = tuple(int(v) for v in np.argwhere(bad)[0])
-            raise SimulatorError(f"unknown training id {int(batches[index])} at (run, step index, position) {index}: "
-                                 f"this simulator was fitted on ids 0..{self.n_train - 1}")
-        initial_loss = np.asarray(initial_loss, dtype=np.float64)
-        m = len(self.test_ids)
-        if initial_loss.shape != (batches.shape[0], m):
-            raise SimulatorError(f"initial_loss must have shape [R, m] = [{batches.shape[0]}, {m}], "
-                                 f"got {initial_loss.shape}")
-        if not np.all(np.isfinite(initial_loss)):
-            raise SimulatorError("initial_loss has NaN or infinite values")
-        return batches, initial_loss
 
     @classmethod
     def from_prior(cls, gradients: GradientCheckpoints, optimizer: OptimizerSpec, test_ids: np.ndarray | None = None,

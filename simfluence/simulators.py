@@ -14,7 +14,9 @@ pickled.
 from __future__ import annotations
 
 import json
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,6 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 from safetensors.numpy import load_file, save_file
 
+from simfluence._kernels import linear_rollout
 from simfluence.errors import SimfluenceError
 from simfluence.gradients import GradientCheckpoints
 from simfluence.runset import PAD, RunSet
@@ -43,6 +46,13 @@ FORMAT_VERSION = 1
 # the summed squared errors is l2 * R * T). On the demo preset's 38 fitting runs
 # cross-validation chose about 0.7 per transition (1000 on the sum).
 DEFAULT_L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+# CG tolerance of the cross-validation paths (relative residual of the normal equations; the
+# final fit is solved to 1e-8, the direct solver is exact either way). Against 1e-8 solves it
+# moved the validation errors by at most 3e-4 relative per test example and 1e-5 for their mean
+# over test examples on the CV benchmark (2e-3 and 3e-4 on the small problems of the tests),
+# far below a validation error's own sampling noise, with the same choices; it needs about half
+# the iterations.
+CV_TOLERANCE = 1e-4
 
 
 class SimulatorError(SimfluenceError):
@@ -84,11 +94,6 @@ class Simulator(ABC):
 
     # ---- simulation ----------------------------------------------------------------------
 
-    @abstractmethod
-    def _coefficients(self, step_counts: sp.csr_matrix, step: int, dtype: type) -> tuple[Any, Any]:
-        """(alpha, beta) of update ``step`` (0-based) for ``step_counts: csr[R, n]``; each a
-        ``float[R, m]`` array or something that broadcasts to it."""
-
     def simulate(
         self,
         batches: np.ndarray,
@@ -102,12 +107,24 @@ class Simulator(ABC):
         Args:
             batches: ``int[R, T, b]`` curricula (``-1`` pads); ids must be < ``n_train``.
             initial_loss: ``float[R, m]`` observed losses before the first update.
-            max_chunk_bytes: bound on the temporaries of one chunk of runs.
-            dtype: float64 (default) or float32 (half the memory, about 4x faster).
+            max_chunk_bytes: bound on the temporaries of one chunk of runs (the compiled
+                Simfluence-Linear rollout has none).
+            dtype: float64 (default) or float32 (half the memory, faster).
 
         Returns:
             ``dtype[R, T+1, m]`` predicted losses; ``[:, 0]`` is ``initial_loss``.
         """
+        batches, initial_loss = self._check_inputs(batches, initial_loss)
+        return self._rollout(batches, initial_loss, max_chunk_bytes, dtype)
+
+    @abstractmethod
+    def _rollout(self, batches: np.ndarray, initial_loss: np.ndarray, max_chunk_bytes: int,
+                 dtype: type) -> np.ndarray:
+        """:meth:`simulate` on checked inputs (``batches`` ``int[R, T, b]``, ``initial_loss``
+        ``float64[R, m]``)."""
+
+    def _check_inputs(self, batches: np.ndarray, initial_loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(batches, initial_loss as float64), or a SimulatorError naming what is wrong."""
         if self.n_train is None or self.test_ids is None:
             raise SimulatorError(f"{self.method}: call fit() (or load a fitted simulator) before simulate()")
         batches = np.asarray(batches)
@@ -121,32 +138,14 @@ class Simulator(ABC):
                 f"this simulator was fitted on ids 0..{self.n_train - 1}"
             )
         initial_loss = np.asarray(initial_loss, dtype=np.float64)
-        R, T, _ = batches.shape
-        m = len(self.test_ids)
+        R, m = batches.shape[0], len(self.test_ids)
         if initial_loss.shape != (R, m):
             raise SimulatorError(
                 f"initial_loss must have shape [R, m] = [{R}, {m}] (runs x test examples), got {initial_loss.shape}"
             )
         if not np.all(np.isfinite(initial_loss)):
             raise SimulatorError("initial_loss has NaN or infinite values")
-        out = np.empty((R, T + 1, m), dtype=dtype)
-        chunk = max(1, min(R, max_chunk_bytes // (8 * 6 * m)))
-        for start in range(0, R, chunk):
-            rows = slice(start, min(R, start + chunk))
-            size = rows.stop - rows.start
-            loss = initial_loss[rows].astype(dtype)
-            out[rows, 0] = loss
-            # counts of every step of the chunk at once, row t * size + r (one sparse build)
-            step_major = count_matrix(np.ascontiguousarray(batches[rows].transpose(1, 0, 2)), self.n_train)
-            data, indices, indptr = step_major.data.astype(dtype), step_major.indices, step_major.indptr
-            for t in range(T):
-                lo, hi = indptr[t * size], indptr[(t + 1) * size]
-                step_counts = sp.csr_matrix((data[lo:hi], indices[lo:hi], indptr[t * size : (t + 1) * size + 1] - lo),
-                                            shape=(size, self.n_train))
-                alpha, beta = self._coefficients(step_counts, t, dtype)
-                loss = alpha * loss + beta
-                out[rows, t + 1] = loss
-        return out
+        return batches, initial_loss
 
     # ---- persistence ---------------------------------------------------------------------
 
@@ -219,10 +218,42 @@ def _step_counts(batch: np.ndarray, n: int, dtype: type) -> sp.csr_matrix:
     return counts
 
 
+class StepwiseSimulator(Simulator):
+    """A simulator given by one (alpha, beta) pair per update: ``L_t = alpha_t * L_{t-1} + beta_t``."""
+
+    @abstractmethod
+    def _coefficients(self, step_counts: sp.csr_matrix, step: int, dtype: type) -> tuple[Any, Any]:
+        """(alpha, beta) of update ``step`` (0-based) for ``step_counts: csr[R, n]``; each a
+        ``float[R, m]`` array or something that broadcasts to it."""
+
+    def _rollout(self, batches: np.ndarray, initial_loss: np.ndarray, max_chunk_bytes: int,
+                 dtype: type) -> np.ndarray:
+        R, T, _ = batches.shape
+        m = len(self.test_ids)
+        out = np.empty((R, T + 1, m), dtype=dtype)
+        chunk = max(1, min(R, max_chunk_bytes // (8 * 6 * m)))
+        for start in range(0, R, chunk):
+            rows = slice(start, min(R, start + chunk))
+            size = rows.stop - rows.start
+            loss = initial_loss[rows].astype(dtype)
+            out[rows, 0] = loss
+            # counts of every step of the chunk at once, row t * size + r (one sparse build)
+            step_major = count_matrix(np.ascontiguousarray(batches[rows].transpose(1, 0, 2)), self.n_train)
+            data, indices, indptr = step_major.data.astype(dtype), step_major.indices, step_major.indptr
+            for t in range(T):
+                lo, hi = indptr[t * size], indptr[(t + 1) * size]
+                step_counts = sp.csr_matrix((data[lo:hi], indices[lo:hi], indptr[t * size : (t + 1) * size + 1] - lo),
+                                            shape=(size, self.n_train))
+                alpha, beta = self._coefficients(step_counts, t, dtype)
+                loss = alpha * loss + beta
+                out[rows, t + 1] = loss
+        return out
+
+
 # ---- baselines that ignore the curriculum --------------------------------------------------
 
 
-class Constant(Simulator):
+class Constant(StepwiseSimulator):
     """L_t = L_0: no learning at all."""
 
     method = "constant"
@@ -234,7 +265,7 @@ class Constant(Simulator):
         return 1.0, 0.0
 
 
-class MeanTrajectory(Simulator):
+class MeanTrajectory(StepwiseSimulator):
     """L_t = L_0 + (mean_t - mean_0): the fitting runs' mean curve, blind to the curriculum.
     Beyond the fitted horizon the loss stays at its last value."""
 
@@ -295,22 +326,41 @@ class LinearParameters:
         return (self.A if self.A is not None else self.B).shape[1]
 
     @cached_property
-    def _tables(self) -> dict[str, np.ndarray]:
+    def _tables(self) -> dict[str, tuple[np.ndarray, ...]]:
         return {}
 
-    def coefficients(self, step_counts: sp.csr_matrix, step: int, dtype: type) -> tuple[np.ndarray, np.ndarray]:
-        """``(alpha, beta)``, each ``[K, m]``, of the batches ``step_counts`` (``[K, n]`` counts)
-        at ``step`` (1-based; beyond the intercepts' horizon, the last group's)."""
-        key = np.dtype(dtype).str
-        if key not in self._tables:  # [n, (A?) m + (B?) m] in dtype, built once
-            self._tables[key] = np.concatenate([b for b in (self.A, self.B) if b is not None], axis=1).astype(dtype)
-        effect = step_counts @ self._tables[key]
-        m, g = self.n_tests, min(step, len(self.alpha0) - 1)
-        alpha = effect[:, :m] if self.A is not None else np.zeros((effect.shape[0], m), dtype=dtype)
-        beta = effect[:, -m:] if self.B is not None else np.zeros((effect.shape[0], m), dtype=dtype)
-        alpha += self.base + self.alpha0[g].astype(dtype)
-        beta += self.beta0[g].astype(dtype)
-        return alpha, beta
+    def rollout(self, batches: np.ndarray, out: np.ndarray, threads: int | None = None) -> None:
+        """Fill ``out[:, 1:]`` by rolling forward over ``batches`` (``int[R, T, b]``) from the
+        initial losses in ``out[:, 0]`` (``out``: ``[R, T+1, m]``, float32 or float64; the
+        arithmetic is in that type). Beyond the intercepts' horizon, the last group's are used.
+        The compiled kernel runs on ``threads`` threads (default: every core), each on a range
+        of runs, or of test examples when there are fewer runs than threads."""
+        key = out.dtype.str
+        if key not in self._tables:  # the parameters in out's dtype, contiguous, built once
+            empty = np.zeros((0, self.n_tests))
+            self._tables[key] = tuple(np.ascontiguousarray(empty if a is None else a, dtype=out.dtype)
+                                      for a in (self.A, self.B, self.alpha0, self.beta0))
+        A, B, alpha0, beta0 = self._tables[key]
+        batches = np.ascontiguousarray(batches, dtype=np.int64)
+        R, m = out.shape[0], out.shape[2]
+        blocks = -(-m // 64)
+        workers = max(1, min(threads or os.cpu_count() or 1, max(R, blocks)))
+        if R >= workers:
+            per = -(-R // workers)
+            tasks = [((lo, min(R, lo + per)), (0, m)) for lo in range(0, R, per)]
+        else:
+            per = -(-blocks // workers) * 64
+            tasks = [((0, R), (lo, min(m, lo + per))) for lo in range(0, m, per)]
+
+        def run(task: tuple[tuple[int, int], tuple[int, int]]) -> None:
+            linear_rollout(batches, A, B, self.A is not None, self.B is not None, alpha0, beta0, self.base, out,
+                           np.array(task[0], dtype=np.int64), np.array(task[1], dtype=np.int64))
+
+        if len(tasks) == 1:
+            run(tasks[0])
+        else:
+            with ThreadPoolExecutor(len(tasks)) as pool:
+                list(pool.map(run, tasks))
 
     @classmethod
     def join(cls, parts: list[LinearParameters]) -> LinearParameters:
@@ -448,12 +498,14 @@ class SimfluenceLinear(Simulator):
         simulator.test_ids = np.arange(m, dtype=np.int64) if test_ids is None else np.asarray(test_ids)
         return simulator
 
-    def _set_solution(self, solution: RidgeSolution) -> None:
+    def _parameters(self, solution: RidgeSolution) -> LinearParameters:
         m = (solution.A if solution.A is not None else solution.B).shape[1]
         zeros = np.zeros((1, m))
-        self.params = LinearParameters(solution.A, solution.B,
-                                       solution.alpha0 if solution.alpha0 is not None else zeros,
-                                       solution.beta0 if solution.beta0 is not None else zeros, self.base)
+        return LinearParameters(solution.A, solution.B, solution.alpha0 if solution.alpha0 is not None else zeros,
+                                solution.beta0 if solution.beta0 is not None else zeros, self.base)
+
+    def _set_solution(self, solution: RidgeSolution) -> None:
+        self.params = self._parameters(solution)
 
     @property
     def A(self) -> np.ndarray:
@@ -474,20 +526,37 @@ class SimfluenceLinear(Simulator):
     def cross_validation_errors(self, runs: RunSet) -> np.ndarray:
         """``float64[I, G, m]``: the all-steps MSE of each test example on the validation folds
         for each candidate intercept and penalty (see :meth:`candidates`). Test examples are
-        independent, so shards of test examples can be scored separately and concatenated."""
+        independent, so shards of test examples can be scored separately and concatenated.
+
+        The paths are solved to ``CV_TOLERANCE`` (the final fit to the solver's 1e-8): scoring
+        needs the validation errors, not the last digits of the parameters."""
         intercepts, grid = self.candidates()
         errors = np.zeros((len(intercepts), len(grid), runs.n_tests))
-        probe = type(self).from_hyperparameters(self.hyperparameters())
-        probe.n_train, probe.test_ids = runs.n_train, runs.test_ids
         for fit_index, val_index in runs.run_folds(self.cv_folds, self.seed):
             fitting, validation = runs.select_runs(fit_index), runs.select_runs(val_index)
             for a, intercept in enumerate(intercepts):
-                path = self._solve(fitting, intercept, grid)
-                for g, solution in enumerate(path):
-                    probe._set_solution(solution)
-                    pred = probe.simulate(validation.batches, validation.initial_loss)
-                    errors[a, g] += ((pred[:, 1:] - validation.losses[:, 1:]) ** 2).sum(axis=(0, 1))
+                errors[a] += self._validation_sse(self._solve(fitting, intercept, grid, CV_TOLERANCE), validation)
         return errors / (runs.n_runs * runs.n_steps)
+
+    def _validation_sse(self, path: list[RidgeSolution], validation: RunSet,
+                        max_bytes: int = 256 * 2**20) -> np.ndarray:
+        """``float64[len(path), m]``: each solution's summed squared all-steps error on the
+        validation runs. Solutions are simulated side by side (their parameters joined as
+        ``k x m`` test columns, ``k`` bounded so the predictions stay under ``max_bytes``): one
+        simulation per group of penalties instead of one per penalty."""
+        R, T, m = validation.n_runs, validation.n_steps, validation.n_tests
+        per_group = max(1, max_bytes // (8 * R * (T + 1) * m))
+        probe = type(self).from_hyperparameters(self.hyperparameters())
+        probe.n_train = validation.n_train
+        sse = np.empty((len(path), m))
+        for start in range(0, len(path), per_group):
+            group = path[start:start + per_group]
+            probe.params = LinearParameters.join([self._parameters(solution) for solution in group])
+            probe.test_ids = np.tile(validation.test_ids, len(group))
+            pred = probe.simulate(validation.batches, np.tile(validation.initial_loss, (1, len(group))))
+            error = pred[:, 1:].reshape(R, T, len(group), m) - validation.losses[:, 1:, None, :]
+            sse[start:start + len(group)] = np.einsum("rtkm,rtkm->km", error, error)
+        return sse
 
     def choose(self, errors: np.ndarray) -> tuple[Intercept, float | np.ndarray]:
         """The intercept and penalty (or per-test penalties) with the least validation error;
@@ -511,16 +580,17 @@ class SimfluenceLinear(Simulator):
         self._set_solution(self._solve(runs, intercept, [self.fitted_l2])[0])
         return self
 
-    def _solve(self, runs: RunSet, intercept: Intercept, path: list[float | np.ndarray]) -> list[RidgeSolution]:
+    def _solve(self, runs: RunSet, intercept: Intercept, path: list[float | np.ndarray],
+               tol: float = 1e-8) -> list[RidgeSolution]:
         """The exact solutions on ``runs`` at each per-transition penalty of ``path`` (scalars
-        or ``float[m]``; B's is ``l2_b`` when set): the penalties on the summed squared errors
-        are these times the number of transitions R x T."""
+        or ``float[m]``; B's is ``l2_b`` when set), to CG tolerance ``tol``: the penalties on the
+        summed squared errors are these times the number of transitions R x T."""
         transitions = runs.n_runs * runs.n_steps
         problem = TransitionProblem.from_runs(runs, self.base, intercept)
         l2_a = [np.asarray(l2, dtype=np.float64) * transitions for l2 in path]
         l2_b = l2_a if self.l2_b is None else [self.l2_b * transitions] * len(path)
         return solve_ridge_path(problem, l2_a, l2_b, use_a=self.use_a, use_b=self.use_b, solver=self.solver,
-                                threads=self.threads)
+                                tol=tol, threads=self.threads)
 
     def refit(self, runs: RunSet) -> SimfluenceLinear:
         """Refit with the fitted intercept and penalties (a penalty saved on the summed errors by an
@@ -549,8 +619,13 @@ class SimfluenceLinear(Simulator):
         whole.params = LinearParameters.join([p.params for p in parts])
         return whole
 
-    def _coefficients(self, step_counts, step, dtype):
-        return self.params.coefficients(step_counts, step, dtype)
+    def _rollout(self, batches: np.ndarray, initial_loss: np.ndarray, max_chunk_bytes: int,
+                 dtype: type) -> np.ndarray:
+        R, T, _ = batches.shape
+        out = np.empty((R, T + 1, initial_loss.shape[1]), dtype=dtype)
+        out[:, 0] = initial_loss
+        self.params.rollout(batches, out, self.threads)
+        return out
 
     def hyperparameters(self) -> dict[str, Any]:
         hp: dict[str, Any] = {
@@ -607,7 +682,7 @@ class SimfluenceMultiplicative(SimfluenceLinear):
 # ---- gradient-based baselines expressed as simulators --------------------------------------
 
 
-class _GradientSimulator(Simulator):
+class _GradientSimulator(StepwiseSimulator):
     """Additive simulators whose per-example effects come from gradient dot products.
 
     ``beta_t = -scale * lr_t / b * sum_{i in c_t} effect_{k(t)}[i]``, alpha = 1, where k(t) is the

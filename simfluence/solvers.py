@@ -40,7 +40,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
-from simfluence._kernels import design_apply, design_transpose
+from simfluence._kernels import design_apply, design_transpose, shift_update
 from simfluence.errors import SimfluenceError
 from simfluence.runset import PAD, RunSet
 
@@ -142,7 +142,7 @@ def solve_ridge(
     max_iter: int = 2000,
     warm_start: RidgeSolution | None = None,
     threads: int | None = None,
-    shard_size: int = 128,
+    shard_size: int = 64,
 ) -> RidgeSolution:
     """Solve the ridge problem exactly for every test example at one penalty: the penalty
     path (:func:`solve_ridge_path`) of length one. Arguments as there, for one penalty."""
@@ -162,7 +162,7 @@ def solve_ridge_path(
     max_iter: int = 2000,
     warm_starts: Sequence[RidgeSolution | None] | None = None,
     threads: int | None = None,
-    shard_size: int = 128,
+    shard_size: int = 64,
 ) -> list[RidgeSolution]:
     """Solve the ridge problem exactly for every test example at every penalty of a path.
 
@@ -173,9 +173,10 @@ def solve_ridge_path(
     penalty's solution, so order the path from large to small penalties). Each solution is
     the one :func:`solve_ridge` gives at that penalty alone (to the CG tolerance).
 
-    Test examples are independent problems; they are solved in shards of ``shard_size``
-    columns (cache-sized), in parallel on ``threads`` threads (default: every core), each
-    shard walking the whole path.
+    Test examples are independent problems; they are solved in equal shards of at most
+    ``shard_size`` columns (cache-sized; a multiple of the threads when there are enough
+    columns), in parallel on ``threads`` threads (default: every core), each shard walking the
+    whole path.
 
     Args:
         problem: transitions of the fitting runs.
@@ -209,7 +210,11 @@ def solve_ridge_path(
         solver = choose_solver(problem, use_a, use_b)
     if solver not in ("direct", "cg"):
         raise SolverError(f"solver must be 'auto', 'direct' or 'cg', got {solver!r}")
-    shards = [slice(s, min(m, s + shard_size)) for s in range(0, m, shard_size)]
+    workers = max(1, threads or os.cpu_count() or 1)
+    count = -(-m // shard_size)  # shards of at most shard_size columns, as many as a multiple of
+    count = min(m, -(-count // workers) * workers)  # the workers when there are enough columns,
+    size = -(-m // count)  # equally sized so that no thread idles at the end
+    shards = [slice(s, min(m, s + size)) for s in range(0, m, size)]
 
     def solve_shard(cols: slice) -> list[RidgeSolution]:
         warm = [None if w is None else RidgeSolution(
@@ -222,7 +227,7 @@ def solve_ridge_path(
             solver, tol, max_iter, warm,
         )
 
-    workers = min(len(shards), threads or os.cpu_count() or 1)
+    workers = min(len(shards), workers)
     if workers > 1:
         with ThreadPoolExecutor(workers) as pool:
             parts = list(pool.map(solve_shard, shards))
@@ -547,11 +552,10 @@ class _CGSystem:
                 zeta_new = np.divide(zeta[s] * zeta_old[s] * alpha_old, denom, out=np.zeros_like(denom),
                                      where=denom != 0)
                 ratio = np.divide(zeta_new, zeta[s], out=np.zeros_like(denom), where=zeta[s] != 0)
+                step, decay = alpha * ratio, beta * ratio * ratio
                 for k in range(2):
                     if xs[s][k] is not None:
-                        xs[s][k] += (alpha * ratio) * ps[s][k]
-                        ps[s][k] *= beta * ratio * ratio
-                        ps[s][k] += zeta_new * r[k]
+                        shift_update(xs[s][k], ps[s][k], r[k], step, decay, zeta_new)
                 zeta_old[s], zeta[s] = zeta[s], zeta_new
                 if np.all(np.abs(zeta_new) * res <= tol):
                     done[s] = iteration

@@ -287,3 +287,43 @@ def test_refit_of_a_bundle_saved_with_penalties_on_summed_errors_converts_them()
     assert fitted.refit(runs).hyperparameters()["penalty_unit"] == "transition"
     loose = sf.SimfluenceLinear.from_parameters(fitted.params.A, fitted.params.B)
     assert np.all(np.isfinite(loose.refit(runs).fitted_l2))  # no fitted penalty: cross-validated
+
+
+@pytest.mark.parametrize("method", [sf.SimfluenceLinear, sf.SimfluenceAdditive, sf.SimfluenceMultiplicative])
+def test_validation_errors_of_a_path_simulated_side_by_side_equal_one_simulation_each(redundancy, method):
+    """Cross-validation simulates a path's solutions side by side (joined as test columns, in
+    groups bounded by memory); each one's validation error equals simulating it alone."""
+    fitting, heldout = redundancy
+    chooser = method(intercept="step", l2="cv")
+    path = chooser._solve(fitting, "step", [1e-5, 1e-3, 1e-1])
+    expected = []
+    for solution in path:
+        single = method.from_hyperparameters(chooser.hyperparameters())
+        single.n_train, single.test_ids = fitting.n_train, fitting.test_ids
+        single._set_solution(solution)
+        pred = single.simulate(heldout.batches, heldout.initial_loss)
+        expected.append(((pred[:, 1:] - heldout.losses[:, 1:]) ** 2).sum(axis=(0, 1)))
+    one_group = chooser._validation_sse(path, heldout)
+    in_pairs = chooser._validation_sse(path, heldout, max_bytes=2 * 8 * heldout.losses.size)
+    np.testing.assert_allclose(one_group, np.array(expected), rtol=1e-12)
+    np.testing.assert_allclose(in_pairs, np.array(expected), rtol=1e-12)
+
+
+def test_cross_validation_at_its_tolerance_scores_as_exact_solves(monkeypatch):
+    """The CV paths are solved to CV_TOLERANCE: each test example's validation errors stay
+    within 5e-3 relative of 1e-10 solves and their mean over test examples (what the penalty
+    is chosen by) within 1e-3 (measured: 2e-3 and 3e-4 at most over three seeds), below the
+    sampling noise of a validation error; the choices are the same."""
+    import simfluence.simulators as simulators
+
+    runs, _ = linear_runs(60, 12, 20, 30, 4, noise=0.01, step_intercept=True, seed=3)
+    grid = (1e-6, 1e-4, 1e-2)
+    loose = sf.SimfluenceLinear(intercept="cv", l2_grid=grid, cv_folds=4, solver="cg")
+    loose_errors = loose.cross_validation_errors(runs)
+    monkeypatch.setattr(simulators, "CV_TOLERANCE", 1e-10)
+    exact = sf.SimfluenceLinear(intercept="cv", l2_grid=grid, cv_folds=4, solver="cg")
+    exact_errors = exact.cross_validation_errors(runs)
+    assert not np.array_equal(loose_errors, exact_errors)  # the tolerance is in effect
+    np.testing.assert_allclose(loose_errors, exact_errors, rtol=5e-3)
+    np.testing.assert_allclose(loose_errors.mean(axis=2), exact_errors.mean(axis=2), rtol=1e-3)
+    assert loose.choose(loose_errors) == exact.choose(exact_errors)
