@@ -4,8 +4,11 @@ In process by default (the model loads once for all runs), or, with ``on_workers
 ``train-run`` deployment run per group of ``training.parallel_runs`` training runs on the work
 pool (GPU workers), ingesting new shards every ``poll_seconds`` while they train. Run ``r``
 always has the same curriculum, so a retried or repeated collection never duplicates a run.
-The reference run's gradient checkpoints are taken while it trains in process; on workers,
-the ``gradient-checkpoints`` task trains it again for them.
+The reference run's gradient checkpoints are taken while it trains: in process, or on its
+worker, which writes them beside the run's shards; once the workers are done and their shards
+ingested, the ``recorded-gradients`` task stores them. Only when they were not taken (the
+reference run was collected earlier without them) or their file is missing or unreadable does
+the ``gradient-checkpoints`` task train the reference run again for them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from simfluence_platform.tasks.collect import (
     prepare,
     register,
     start_collection,
+    store_recorded_gradients,
     store_reference_gradients,
 )
 from simfluence_platform.tasks.config import ExperimentConfig
@@ -80,8 +84,18 @@ def collect_in_process(config: ExperimentConfig, runs: int, warehouse: str | Non
     return results
 
 
+@task(name="recorded-gradients", cache_policy=NO_CACHE)
+def recorded_gradients_task(config: ExperimentConfig, warehouse: str | None) -> bool:
+    """Store the checkpoints the reference run's worker took; whether there were any to store."""
+    logger = get_run_logger()
+    return store_recorded_gradients(config, open_warehouse(warehouse), log=logger.info, warn=logger.warning)
+
+
 @task(name="gradient-checkpoints", cache_policy=NO_CACHE)
 def gradient_task(config: ExperimentConfig, warehouse: str | None) -> None:
+    """Train the reference run again and store its gradient checkpoints."""
+    get_run_logger().info(f"training run {config.gradients.reference_run} of {config.name} again "
+                          f"for its gradient checkpoints")
     store_reference_gradients(config, open_warehouse(warehouse))
 
 
@@ -98,15 +112,19 @@ def collect_runs(preset: str | None = "demo", config_path: str | None = None, ru
     if on_workers:
         register(config, wh, prepare(config, runs))
         todo = [r for r in range(runs) if r not in complete_run_ids(wh, config.name)]
+        need_gradients = gradients and not has_gradients(wh, config.name)
+        reference = config.gradients.reference_run
         parameters = {tuple(group): {"run_ids": group, "preset": preset, "config_path": config_path,
-                                     "warehouse": warehouse} for group in groups(config, todo)}
+                                     "warehouse": warehouse, "gradients": need_gradients and reference in group}
+                      for group in groups(config, todo)}
         results = train_on_workers(config.name, warehouse, parameters, train_deployment, poll_seconds, progress,
                                    run_retries)
-        if gradients and not has_gradients(wh, config.name):
+        ingest_shards(warehouse, config.name)
+        if need_gradients and not recorded_gradients_task(config, warehouse):
             gradient_task(config, warehouse)
     else:
         results = collect_in_process(config, runs, warehouse, gradients, run_retries, progress)
-    ingest_shards(warehouse, config.name)
+        ingest_shards(warehouse, config.name)
     update_progress_artifact(progress, 100.0)
     complete = complete_run_ids(wh, config.name)
     rows = [{"run_id": r, "status": results.get(r, {}).get("status", "complete" if r in complete else "missing"),

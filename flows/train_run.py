@@ -1,9 +1,12 @@
 """train-run: a group of fine-tuning runs trained together, deployable alone to a GPU worker.
 
-It writes Parquet loss shards only (never the warehouse), each run its own shards and
+It writes files only (never the warehouse), each run its own Parquet loss shards and
 completion marker: the experiment must have been registered by collect-runs, and
-ingest-losses (or collect-runs) loads the shards. A killed group loses nothing that was
-complete, and running it again trains only its runs that are not complete.
+ingest-losses (or collect-runs) loads the shards. With ``gradients``, the experiment's
+reference run (when among its runs) takes its gradient checkpoints while it trains, and they
+are written beside its shards for collect-runs to store: the reference run is trained once. A
+killed group loses nothing that was complete, and running it again trains only its runs that
+are not complete.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from prefect.runtime import flow_run
 
 from simfluence_platform.flows.common import experiment_config, group_name, warehouse as open_warehouse
 from simfluence_platform.storage.experiments import config_hash
-from simfluence_platform.storage.shards import ShardError
+from simfluence_platform.storage.shards import ShardError, write_gradients
 from simfluence_platform.tasks.collect import groups, train_group, train_run as train_one
 from simfluence_platform.tasks.data import load_examples
 
@@ -27,10 +30,16 @@ def _name() -> str:
 @flow(name="train-run", log_prints=True, flow_run_name=_name, retries=1, retry_delay_seconds=10)
 def train_run(run_ids: list[int], preset: str | None = "demo", config_path: str | None = None,
               warehouse: str | None = None, experiment: str | None = None,
-              curriculum: list[list[int]] | None = None, curriculum_kind: str | None = None) -> dict:
+              curriculum: list[list[int]] | None = None, curriculum_kind: str | None = None,
+              gradients: bool = False) -> dict:
     """Train runs ``run_ids`` of the experiment, ``training.parallel_runs`` at a time, and stream
     their losses as shards. A crashed group is retried once: the retry is a new attempt of each
     run not complete yet, which replaces the earlier one's shards.
+
+    With ``gradients`` (collect-runs sets it for the group holding the reference run while the
+    experiment has no gradient checkpoints), the reference run ``gradients.reference_run``, when
+    among ``run_ids`` and trained to completion here, takes its checkpoints as it trains, and
+    they are written to its run folder (:func:`~storage.shards.write_gradients`).
 
     The experiment is a preset, a config file, or (``experiment``, with ``preset`` None) a
     registered experiment whose config is read from the warehouse. Runs train on their sampled
@@ -40,6 +49,8 @@ def train_run(run_ids: list[int], preset: str | None = "demo", config_path: str 
 
     if curriculum is not None and len(run_ids) != 1:
         raise ValueError(f"a given curriculum trains exactly one run, got run_ids {run_ids}")
+    if curriculum is not None and gradients:
+        raise ValueError("gradient checkpoints are taken on the reference run's own curriculum, not a given one")
     config = experiment_config(preset, config_path, experiment, warehouse)
     trainer = Trainer(config, load_examples(config.data, config.model.task))
     wh, logger = open_warehouse(warehouse), get_run_logger()
@@ -53,7 +64,11 @@ def train_run(run_ids: list[int], preset: str | None = "demo", config_path: str 
             runs[run_ids[0]] = {"status": "skipped", "reason": str(error)}
     else:
         for group in groups(config, list(run_ids)):
-            result = train_group(config, trainer, wh, group, log=logger.info)
+            result = train_group(config, trainer, wh, group, gradients, log=logger.info)
+            if result.gradients is not None:
+                path = write_gradients(wh.shard_root, config.name, config.gradients.reference_run, result.gradients)
+                logger.info(f"run {config.gradients.reference_run} of {config.name}: gradient checkpoints "
+                            f"taken while it trained, written to {path}")
             runs.update({r: {"status": "skipped", "reason": reason} for r, reason in result.skipped.items()})
             runs.update({r: {"status": o.status, "reason": o.reason} for r, o in result.outcomes.items()})
     for run_id, run in runs.items():

@@ -21,6 +21,7 @@ gradient dimensions and T updates:
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,8 @@ class GradientCheckpoints:
 
     @classmethod
     def load(cls, path: str | Path) -> GradientCheckpoints:
+        """The checkpoints :meth:`save` wrote to ``path``; :class:`GradientError` naming the file
+        when it is missing, truncated, corrupt (the zip's CRC catches changed bytes) or malformed."""
         try:
             with np.load(path, allow_pickle=False) as data:
                 return cls(
@@ -122,7 +125,7 @@ class GradientCheckpoints:
                     int(data["batch_size"]), data["curvatures"] if "curvatures" in data else None,
                     data["train_grads_preconditioned"] if "train_grads_preconditioned" in data else None,
                 )
-        except (OSError, KeyError, ValueError) as error:
-            if isinstance(error, GradientError):
-                raise
+        except GradientError as error:
+            raise GradientError(f"{path}: {error}") from None
+        except (OSError, KeyError, ValueError, EOFError, NotImplementedError, zipfile.BadZipFile) as error:
             raise GradientError(f"{path}: not a gradient checkpoint file: {error}") from None

@@ -8,7 +8,11 @@ One folder per run, ``<shard_root>/<experiment>/run-<run_id>/``:
 - ``losses-<attempt>-<first>-<last>.parquet``: the losses of steps first..last (step, test_id,
   loss), one shard every ``flush_every`` steps;
 - ``marker.json``: ``complete`` or ``failed`` with its reason, written last (ingest rewrites a
-  ``complete`` marker as ``failed`` when the shards it vouches for turn out incomplete).
+  ``complete`` marker as ``failed`` when the shards it vouches for turn out incomplete);
+- ``gradients.npz`` (the experiment's reference run only, when a ``train-run`` took its gradient
+  checkpoints while it trained): the :class:`~simfluence.gradients.GradientCheckpoints`, for
+  collect-runs to store in the warehouse. Written after the marker, and only for a complete run;
+  ingest never reads it.
 
 One attempt at a run at a time: the writer holds an exclusive lock on
 ``<experiment>/run-<run_id>.lock`` (beside the folder) from its start to its end; the
@@ -34,12 +38,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from simfluence.gradients import GradientCheckpoints
 from simfluence_platform.errors import UserError
 
 LOSS_SCHEMA = pa.schema([("step", pa.int32()), ("test_id", pa.int32()), ("loss", pa.float64())])
 BATCH_SCHEMA = pa.schema([("step", pa.int32()), ("position", pa.int32()), ("example_id", pa.int32())])
 HEADER_NAME = "run.json"
 MARKER_NAME = "marker.json"
+GRADIENTS_NAME = "gradients.npz"
 
 
 class ShardError(UserError, RuntimeError):
@@ -107,6 +113,26 @@ def read_footer(path: Path) -> pq.FileMetaData | None:
         return pq.read_metadata(path)
     except Exception:  # noqa: BLE001 - truncated, empty or not Parquet at all: all mean unreadable
         return None
+
+
+def write_gradients(shard_root: str | Path, experiment: str, run_id: int, gradients: GradientCheckpoints) -> Path:
+    """Write the gradient checkpoints taken while run ``run_id`` trained into its folder, as
+    ``gradients.npz`` (the format of :meth:`GradientCheckpoints.save`; K checkpoints of n
+    training and m test examples in d projected dimensions: ``float[K, n, d]``, ``float[K, m, d]``
+    and so on), atomically: a reader finds the whole file or none. Returns its path."""
+    path = run_dir(shard_root, experiment, run_id) / GRADIENTS_NAME
+    write_atomic(path, gradients.save)
+    return path
+
+
+def read_gradients(shard_root: str | Path, experiment: str, run_id: int) -> GradientCheckpoints | None:
+    """The gradient checkpoints :func:`write_gradients` wrote for run ``run_id``; None when its
+    folder has none. A file that cannot be read whole (truncated, corrupt, malformed) raises
+    :class:`~simfluence.gradients.GradientError` naming it: nothing of it is returned."""
+    path = run_dir(shard_root, experiment, run_id) / GRADIENTS_NAME
+    if not path.exists():
+        return None
+    return GradientCheckpoints.load(path)
 
 
 def finished_runs(shard_root: str | Path, experiment: str, runs: int) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from simfluence import curricula
+from simfluence.gradients import GradientError
 from simfluence_platform.storage.experiments import (
     complete_run_ids,
     config_hash,
@@ -24,7 +25,7 @@ from simfluence_platform.storage.experiments import (
 )
 from simfluence_platform.storage.ingest import IngestReport, ingest
 from simfluence_platform.storage.registry import code_version
-from simfluence_platform.storage.shards import LossShardWriter, RunHeader, ShardError
+from simfluence_platform.storage.shards import LossShardWriter, RunHeader, ShardError, read_gradients
 from simfluence_platform.storage.warehouse import Warehouse, WarehouseError
 from simfluence_platform.tasks.config import ExperimentConfig
 from simfluence_platform.tasks.data import Examples, load_examples
@@ -186,6 +187,29 @@ def store_reference_gradients(config: ExperimentConfig, warehouse: Warehouse, tr
 
     trainer = trainer or Trainer(config, load_examples(config.data, config.model.task))
     store_gradients(warehouse, config.name, gradient_checkpoints(config, trainer))
+
+
+def store_recorded_gradients(config: ExperimentConfig, warehouse: Warehouse,
+                             log: Callable[[str], None] = lambda message: None,
+                             warn: Callable[[str], None] = lambda message: None) -> bool:
+    """Store the gradient checkpoints that the reference run's ``train-run`` took while it
+    trained and wrote beside its shards (:func:`~storage.shards.write_gradients`); returns
+    whether it did. False when there is no such file (the run was trained without them: by an
+    older version, or before they were wanted) or it cannot be read whole (``warn``, naming
+    it): then the reference run has to be trained again for them."""
+    reference = config.gradients.reference_run
+    try:
+        gradients = read_gradients(warehouse.shard_root, config.name, reference)
+    except GradientError as error:
+        warn(f"run {reference} of {config.name}: unreadable gradient checkpoints, not stored ({error})")
+        return False
+    if gradients is None:
+        log(f"run {reference} of {config.name} was trained without taking its gradient checkpoints")
+        return False
+    store_gradients(warehouse, config.name, gradients)
+    log(f"run {reference} of {config.name}: stored the gradient checkpoints taken while it trained "
+        f"({len(gradients.steps)} checkpoints); it is not trained again")
+    return True
 
 
 @dataclass

@@ -10,11 +10,12 @@ information and is estimated with one label sampled from the model per training 
 causal LM the empirical Fisher of the training gradients is used.
 
 The checkpoints are taken by :class:`GradientRecorder`, the trainer's step hook, while the
-reference run trains: during its own collection (no second training run), or, when that run
-was collected earlier, by training it again. Per-example gradients are computed with
-``torch.func`` (``vmap`` of ``grad`` over the examples of a chunk, on the model's device) and
-projected there; the loop of single backward passes remains for prompt tuning (which the
-functional model does not support) and as the reference the vectorised one is tested against.
+reference run trains: during its own collection, in process or on its train-run worker (no
+second training run), or, when that run was collected earlier without them, by training it
+again. Per-example gradients are computed with ``torch.func`` (``vmap`` of ``grad`` over the
+examples of a chunk, on the model's device) and projected there; the loop of single backward
+passes remains for prompt tuning (which the functional model does not support) and as the
+reference the vectorised one is tested against.
 
 When the experiment trains with AdamW, the training gradients are also stored multiplied by
 Adam's per-parameter step scale ``1 / (sqrt(v_hat) + eps)`` of the reference run at the

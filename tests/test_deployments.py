@@ -162,14 +162,16 @@ def test_ingest_deployment_runs_on_a_process_worker(server, tmp_path):
 
 
 def test_collection_dispatched_to_the_gpu_pool(server, tmp_path):
-    """collect-runs on the cpu pool sends one train-run per run to the gpu pool, ingesting as they end."""
+    """collect-runs on the cpu pool sends one train-run per run to the gpu pool, ingesting as they
+    end; the reference run's train-run takes its gradient checkpoints, which collect-runs stores
+    without training that run again (no gradient-checkpoints task)."""
     warehouse = tmp_path / "home" / "warehouse.duckdb"
     workers = [subprocess.Popen([PREFECT, "worker", "start", "--pool", pool], env=server, cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
                for pool in ("cpu", "gpu")]
     try:
         run = prefect(server, "deployment", "run", "collect-runs/gpu", "-p", "preset=tiny", "-p", "runs=2",
-                      "-p", f"warehouse={warehouse}", "-p", "gradients=false", "-p", "poll_seconds=2", "--watch",
+                      "-p", f"warehouse={warehouse}", "-p", "poll_seconds=2", "--watch",
                       "--watch-timeout", "400", timeout=450)
     finally:
         for worker in workers:
@@ -178,10 +180,17 @@ def test_collection_dispatched_to_the_gpu_pool(server, tmp_path):
     with Warehouse(warehouse).reader() as con:
         assert con.execute("SELECT run_id, status FROM runs ORDER BY run_id").fetchall() == [(0, "complete"),
                                                                                           (1, "complete")]
+        assert con.execute("SELECT checkpoint_step FROM checkpoints ORDER BY 1").fetchall() == [(0,), (3,)]
     runs = [r for r in api(server, "/flow_runs/filter", {"flow_runs": {"name": {"any_": ["train-run-0", "train-run-1"]}}})
             if r["parameters"].get("warehouse") == str(warehouse)]  # this test's runs only
-    assert sorted((r["name"], r["state"]["type"]) for r in runs) == [("train-run-0", "COMPLETED"),
-                                                                     ("train-run-1", "COMPLETED")]
+    assert sorted((r["name"], r["state"]["type"], r["parameters"]["gradients"]) for r in runs) == [
+        ("train-run-0", "COMPLETED", True), ("train-run-1", "COMPLETED", False)]
+    collection = [r for r in api(server, "/flow_runs/filter",
+                                 {"flow_runs": {"name": {"any_": ["collect-tiny-2-runs"]}}})
+                  if r["parameters"].get("warehouse") == str(warehouse)]
+    tasks = api(server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [collection[0]["id"]]}}})
+    names = {t["name"].rsplit("-", 1)[0] for t in tasks}
+    assert "recorded-gradients" in names and "gradient-checkpoints" not in names, names
 
 
 def lock_holders(lock: Path) -> list[int]:

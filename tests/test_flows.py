@@ -246,3 +246,56 @@ def test_the_train_run_flow_trains_a_group_of_runs_each_with_its_own_shards(home
     assert {r: run["status"] for r, run in again["runs"].items()} == {1: "skipped", 2: "skipped"}
     ingest(Warehouse(warehouse), "tiny-batched")
     assert complete_run_ids(Warehouse(warehouse), "tiny-batched") == {0, 1, 2}
+    assert not list(Warehouse(warehouse).shard_root.rglob("gradients.npz"))  # not asked for: none taken
+
+
+def test_collecting_on_workers_trains_the_reference_run_once(tmp_path, monkeypatch):
+    """The worker path: the train-run flow (what a gpu worker runs) takes the reference run's
+    gradient checkpoints while it trains and writes them beside its shards; collect-runs
+    (on_workers, once the shards are ingested) stores them, and every run is trained exactly
+    once. With the file truncated, collect-runs trains the reference run again instead (the
+    two-run way) and stores nothing of the file: the two agree to 1e-4 of their scale."""
+    from simfluence_platform.flows.collect import collect_runs
+    from simfluence_platform.flows.train_run import train_run
+    from simfluence_platform.storage.experiments import load_gradients
+    from simfluence_platform.storage.ingest import ingest
+    from simfluence_platform.storage.shards import GRADIENTS_NAME, run_dir
+    from simfluence_platform.tasks.collect import prepare, register
+    from simfluence_platform.tasks.config import preset
+    from simfluence_platform.tasks.runs import run_seed
+    from simfluence_platform.tasks.training import Trainer
+
+    config = preset("tiny")
+    trained: list[int] = []  # the run id of every run any Trainer trains, in order
+    seeds = {run_seed(config, r): r for r in range(2)}
+    real_run = Trainer.run
+
+    def counted_run(self, curriculum, seed, *args, **kwargs):
+        trained.append(seeds[seed])
+        return real_run(self, curriculum, seed, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "run", counted_run)
+
+    def worker_collection(name: str, run_ids: list[int], truncate: bool) -> Warehouse:
+        wh = Warehouse(tmp_path / name / "warehouse.duckdb")
+        register(config, wh, prepare(config, len(run_ids)))
+        train_run(run_ids=run_ids, preset="tiny", warehouse=str(wh.path), gradients=True)
+        path = run_dir(wh.shard_root, "tiny", config.gradients.reference_run) / GRADIENTS_NAME
+        assert list(wh.shard_root.rglob("*.npz")) == [path]
+        if truncate:
+            path.write_bytes(path.read_bytes()[:-100])
+        ingest(wh, "tiny")  # as collect-runs does while its workers train
+        collected = collect_runs(preset="tiny", runs=len(run_ids), warehouse=str(wh.path), on_workers=True)
+        assert collected["complete"] == run_ids and not collected["failed"]
+        return wh
+
+    recorded = load_gradients(worker_collection("workers", [0, 1], truncate=False), "tiny")
+    assert trained == [0, 1]  # the reference run 0 once: its checkpoints came from its file
+    trained.clear()
+    retrained = load_gradients(worker_collection("truncated", [0], truncate=True), "tiny")
+    assert trained == [0, 0]  # the file unreadable: run 0 trained again for its checkpoints
+    np.testing.assert_array_equal(recorded.steps, retrained.steps)
+    np.testing.assert_array_equal(recorded.learning_rates, retrained.learning_rates)
+    for name in ("train_grads", "test_grads", "curvatures", "train_grads_preconditioned"):
+        expected = getattr(retrained, name)
+        np.testing.assert_allclose(getattr(recorded, name), expected, rtol=0, atol=1e-4 * np.abs(expected).max())

@@ -395,6 +395,40 @@ def test_gradient_inputs_round_trip(wh, with_curvature):
         store_gradients(wh, "exp", wrong)
 
 
+def test_a_runs_gradients_file_round_trips_and_a_bad_one_is_never_read_half(wh):
+    """The gradient checkpoints a train-run writes beside its reference run's shards read back
+    exactly, ingest ignores the file, and a truncated or changed file is an error naming it."""
+    from simfluence.gradients import GradientError
+    from simfluence_platform.storage.shards import read_gradients, write_gradients
+
+    runs, _ = sf.synthetic.linear_runs(20, 5, 1, 6, 2, seed=0)
+    write_run(wh, runs, 0)
+    assert read_gradients(wh.shard_root, "exp", 0) is None
+    rng = np.random.default_rng(0)
+    grads = sf.GradientCheckpoints(np.array([0, 3]), np.linspace(1e-3, 1e-4, 6),
+                                   rng.normal(size=(2, 20, 4)).astype(np.float32),
+                                   rng.normal(size=(2, 5, 4)).astype(np.float32), batch_size=2,
+                                   curvatures=rng.normal(size=(2, 4, 4)).astype(np.float32),
+                                   train_grads_preconditioned=rng.normal(size=(2, 20, 4)).astype(np.float32))
+    path = write_gradients(wh.shard_root, "exp", 0, grads)
+    assert sorted(p.name for p in path.parent.iterdir() if not p.name.endswith(".parquet")) == [
+        "gradients.npz", "marker.json", "run.json"]  # no temporary file left behind
+    back = read_gradients(wh.shard_root, "exp", 0)
+    for name in ("steps", "learning_rates", "train_grads", "test_grads", "curvatures", "train_grads_preconditioned"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(grads, name))
+    assert back.batch_size == 2
+    report = ingest(wh)
+    assert report.completed_runs == [("exp", 0)] and not report.rejected  # ingest ignores the file
+    whole = path.read_bytes()
+    changed = bytearray(whole)
+    changed[whole.index(grads.train_grads.tobytes()[:16]) + 3] ^= 1  # one bit of one gradient
+    for bad in (whole[: len(whole) // 2], whole[:-1], b"", bytes(changed)):
+        path.write_bytes(bad)
+        with pytest.raises(GradientError) as error:
+            read_gradients(wh.shard_root, "exp", 0)
+        assert str(path) in str(error.value)
+
+
 def test_every_simulator_loads_in_a_fresh_process(tmp_path):
     """A bundle of each method loads with nothing imported before (the package loads its names
     lazily; the loader must still know every simulator)."""
