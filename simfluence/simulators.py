@@ -554,7 +554,8 @@ class SimfluenceLinear(Simulator):
             probe.params = LinearParameters.join([self._parameters(solution) for solution in group])
             probe.test_ids = np.tile(validation.test_ids, len(group))
             pred = probe.simulate(validation.batches, np.tile(validation.initial_loss, (1, len(group))))
-            error = pred[:, 1:].reshape(R, T, len(group), m) - validation.losses[:, 1:, None, :]
+            error = pred[:, 1:].reshape(R, T, len(group), m)  # a view: the errors are made in place
+            error -= validation.losses[:, 1:, None, :]
             sse[start:start + len(group)] = np.einsum("rtkm,rtkm->km", error, error)
         return sse
 
