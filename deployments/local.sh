@@ -13,6 +13,9 @@ cd "$(dirname "$0")/.."
 ROOT="$PWD"
 export PREFECT_HOME="${PREFECT_HOME:-$ROOT/.prefect}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
+# Workers look for scheduled flow runs every 2 s instead of 10 (a local server; the demo waits
+# on each of its deployment runs).
+export PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-2}"
 export PREFECT_API_URL="http://127.0.0.1:${SIMFLUENCE_PREFECT_PORT:-4200}/api"
 export SIMFLUENCE_PROJECT_DIR="$ROOT"
 PREFECT="$ROOT/.venv/bin/prefect"
@@ -52,12 +55,15 @@ case "${1:-}" in
   start)
     if ! healthy; then
       spawn server "$PREFECT" server start --host 127.0.0.1 --port "${SIMFLUENCE_PREFECT_PORT:-4200}"
-      for _ in $(seq 1 120); do healthy && break; sleep 1; done
+      for _ in $(seq 1 600); do healthy && break; sleep 0.2; done
       healthy || { echo "the Prefect server did not start; see $STATE/server.log" >&2; exit 1; }
     fi
-    for pool in cpu gpu; do
-      "$PREFECT" work-pool inspect "$pool" >/dev/null 2>&1 || "$PREFECT" work-pool create "$pool" --type process >/dev/null
+    pools=()
+    for pool in cpu gpu; do  # both at once: each is a CLI process that spends seconds importing
+      { "$PREFECT" work-pool inspect "$pool" >/dev/null 2>&1 || "$PREFECT" work-pool create "$pool" --type process >/dev/null; } &
+      pools+=($!)
     done
+    for pid in "${pools[@]}"; do wait "$pid" || { echo "could not create the work pools" >&2; exit 1; }; done
     "$PREFECT" --no-prompt deploy --all --prefect-file deployments/prefect.yaml >"$STATE/deploy.log" 2>&1 \
       || { cat "$STATE/deploy.log" >&2; exit 1; }
     spawn worker-cpu "$PREFECT" worker start --pool cpu --limit 2 --name "cpu-$(hostname)"
