@@ -35,6 +35,9 @@ class GradientError(SimfluenceError):
     """Raised for malformed or mismatched gradient checkpoints."""
 
 
+OPTIONAL_ARRAYS = ("curvatures", "train_grads_preconditioned")
+
+
 @dataclass(frozen=True)
 class GradientCheckpoints:
     steps: np.ndarray
@@ -112,6 +115,8 @@ class GradientCheckpoints:
             arrays["curvatures"] = self.curvatures
         if self.train_grads_preconditioned is not None:
             arrays["train_grads_preconditioned"] = self.train_grads_preconditioned
+        # which optional arrays the file holds, so that a damaged zip index cannot drop one unseen
+        arrays["optional"] = np.array([name for name in OPTIONAL_ARRAYS if name in arrays], dtype="U32")
         np.savez(path, **arrays)
 
     @classmethod
@@ -120,6 +125,9 @@ class GradientCheckpoints:
         when it is missing, truncated, corrupt (the zip's CRC catches changed bytes) or malformed."""
         try:
             with np.load(path, allow_pickle=False) as data:
+                missing = set(data["optional"].tolist()) - set(data.files) if "optional" in data else set()
+                if missing:
+                    raise KeyError(f"arrays {sorted(missing)} are listed but absent")
                 return cls(
                     data["steps"], data["learning_rates"], data["train_grads"], data["test_grads"],
                     int(data["batch_size"]), data["curvatures"] if "curvatures" in data else None,

@@ -327,3 +327,20 @@ def test_cross_validation_at_its_tolerance_scores_as_exact_solves(monkeypatch):
     np.testing.assert_allclose(loose_errors, exact_errors, rtol=5e-3)
     np.testing.assert_allclose(loose_errors.mean(axis=2), exact_errors.mean(axis=2), rtol=1e-3)
     assert loose.choose(loose_errors) == exact.choose(exact_errors)
+
+
+def test_a_gradient_file_missing_an_array_it_lists_is_refused(tmp_path):
+    """The file lists its optional arrays: one that went missing (a damaged zip index drops an
+    entry without a CRC error) is refused, not read as absent."""
+    runs, grads = _gradient_world()
+    d = grads.train_grads.shape[2]
+    with_curvature = sf.GradientCheckpoints(grads.steps, grads.learning_rates, grads.train_grads, grads.test_grads,
+                                            grads.batch_size, curvatures=np.stack([np.eye(d)] * len(grads.steps)))
+    with_curvature.save(tmp_path / "g.npz")
+    np.testing.assert_array_equal(sf.GradientCheckpoints.load(tmp_path / "g.npz").curvatures,
+                                  with_curvature.curvatures)
+    with np.load(tmp_path / "g.npz") as data:
+        kept = {name: data[name] for name in data.files if name != "curvatures"}
+    np.savez(tmp_path / "damaged.npz", **kept)
+    with pytest.raises(sf.gradients.GradientError, match=r"damaged.npz.*\['curvatures'\] are listed but absent"):
+        sf.GradientCheckpoints.load(tmp_path / "damaged.npz")
