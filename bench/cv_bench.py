@@ -6,10 +6,11 @@ default n=300, m=200, 40 fitting runs of 100 steps, b=8, 10 held-out runs), in o
 - one fit at a fixed penalty (1e-2 on the summed squared errors, as ``fit_bench.py``; the
   median of three);
 - the cross-validated fit (3 intercepts x 8 penalties over 5 folds of whole runs), each fold
-  and intercept solved as one exact penalty path (``solve_ridge_path``);
+  and intercept solved as one penalty path (``solve_ridge_path``) to the CV tolerance
+  (``simfluence.simulators.CV_TOLERANCE``), the final fit to 1e-8;
 - the same cross-validation the way it was done before the path: one ``solve_ridge`` per
-  penalty (its structure rebuilt each time), warm-started from the previous penalty, on the
-  same penalties, then the final fit at the chosen penalty as that code did it;
+  penalty to 1e-8 (its structure rebuilt each time), warm-started from the previous penalty,
+  on the same penalties, then the final fit at the chosen penalty as that code did it;
 - optionally (``--reference-rev main``) the cross-validated and the fixed fit of another git
   revision's ``simfluence`` (extracted with ``git archive``, run in a subprocess on the same
   synthetic data with its own default grid).
