@@ -149,9 +149,7 @@ def momentum_runs(
     counts = count_matrix(batches, n).toarray().reshape(runs, steps, n)
     effect = counts @ (B - scale * learning_rate / batch_size * dots)  # [R, T, m]
     change = beta0[None] + optimizer.filter(effect) + noise * rng.standard_normal((runs, steps, m))
-    losses = np.concatenate([np.broadcast_to(rng.uniform(1.5, 2.5, m), (runs, 1, m)),
-                             np.zeros((runs, steps, m))], axis=1)
-    losses[:, 1:] = losses[:, :1] + np.cumsum(change, axis=1)
+    losses = _accumulate(rng, change)
     gradients = GradientCheckpoints(np.array([0]), np.full(steps, learning_rate), train[None].astype(np.float32),
                                     test[None].astype(np.float32), batch_size=batch_size)
     return RunSet(batches, losses, n_train=n), gradients, MomentumTruth(optimizer, scale, B, beta0)
@@ -184,6 +182,13 @@ def helpful_runs(
     batches = uniform(n, runs, steps, batch_size, seed=seed + 1)
     counts = count_matrix(batches, n).toarray().reshape(runs, steps, n)
     change = counts @ B + noise * rng.standard_normal((runs, steps, m))
-    start = np.broadcast_to(rng.uniform(1.5, 2.5, m), (runs, 1, m))
-    losses = np.concatenate([start, start + np.cumsum(change, axis=1)], axis=1)
+    losses = _accumulate(rng, change)
     return RunSet(batches, losses, n_train=n), helpful_ids, B
+
+
+def _accumulate(rng: np.random.Generator, change: np.ndarray) -> np.ndarray:
+    """``float64[R, T+1, m]`` losses from one-step changes ``[R, T, m]`` (nats): every run starts
+    at the same initial loss per test example, drawn from U(1.5, 2.5)."""
+    runs, _, m = change.shape
+    start = np.broadcast_to(rng.uniform(1.5, 2.5, m), (runs, 1, m))
+    return np.concatenate([start, start + np.cumsum(change, axis=1)], axis=1)

@@ -18,6 +18,7 @@ import polars as pl
 from simfluence import curricula
 from simfluence.curricula import CurriculumError
 from simfluence.edit_syntax import EDIT_HELP
+from simfluence.optimize import final_loss
 from simfluence.runset import PAD, RunSet
 from simfluence.simulators import Simulator, SimulatorError
 
@@ -143,13 +144,10 @@ def counterfactual(simulator: Simulator, base: np.ndarray, edited: np.ndarray, i
 
 def _final(simulator: Simulator, many: list[np.ndarray], initial_loss: np.ndarray, tests: np.ndarray,
            chunk: int = 256) -> np.ndarray:
-    """``float[K]``: the mean final loss over ``tests`` of each curriculum (chunked)."""
-    out = []
-    for start in range(0, len(many), chunk):
-        part = stack(many[start : start + chunk])
-        pred = simulator.simulate(part, np.repeat(initial_loss[None], len(part), axis=0))
-        out.append(pred[:, -1, tests].mean(axis=1))
-    return np.concatenate(out)
+    """``float[K]``: the mean final loss over ``tests`` of each curriculum
+    (:func:`simfluence.optimize.final_loss`, in chunks of ``chunk`` curricula)."""
+    return np.concatenate([final_loss(simulator, stack(many[start : start + chunk]), initial_loss, tests)
+                           for start in range(0, len(many), chunk)])
 
 
 def strongest(ranking: pl.DataFrame, k: int) -> list[int]:
