@@ -147,7 +147,7 @@ def solve_ridge(
     """Solve the ridge problem exactly for every test example at one penalty: the penalty
     path (:func:`solve_ridge_path`) of length one. Arguments as there, for one penalty."""
     return solve_ridge_path(problem, [l2_a], [l2_b], use_a=use_a, use_b=use_b, solver=solver, tol=tol,
-                            max_iter=max_iter, warm_starts=[warm_start], threads=threads, shard_size=shard_size)[0]
+                            max_iter=max_iter, warm_start=warm_start, threads=threads, shard_size=shard_size)[0]
 
 
 def solve_ridge_path(
@@ -160,7 +160,7 @@ def solve_ridge_path(
     solver: SolverName = "auto",
     tol: float = 1e-8,
     max_iter: int = 2000,
-    warm_starts: Sequence[RidgeSolution | None] | None = None,
+    warm_start: RidgeSolution | None = None,
     threads: int | None = None,
     shard_size: int = 64,
 ) -> list[RidgeSolution]:
@@ -188,8 +188,8 @@ def solve_ridge_path(
         tol: CG stopping tolerance on each test example's relative residual norm of the normal
             equations (1e-8 gives parameters to about 1e-7 relative on the reference problems).
         max_iter: CG iteration cap per penalty; reaching it raises.
-        warm_starts: per penalty, a solution to start CG from instead of the previous
-            penalty's (``None`` entries: the previous penalty's; zeros for the first).
+        warm_start: a solution to start CG from at the first penalty (default zeros); each
+            later penalty starts from the previous one's solution.
         threads: worker threads (None: ``os.cpu_count()``).
         shard_size: test examples per shard.
 
@@ -203,9 +203,6 @@ def solve_ridge_path(
     m = problem.shape[2]
     lams_a = [_penalty(v, m, "l2_a") if use_a else None for v in l2_a]
     lams_b = [_penalty(v, m, "l2_b") if use_b else None for v in l2_b]
-    warm_starts = list(warm_starts) if warm_starts is not None else [None] * len(lams_a)
-    if len(warm_starts) != len(lams_a):
-        raise SolverError(f"warm_starts must have one entry per penalty ({len(lams_a)}), got {len(warm_starts)}")
     if solver == "auto":
         solver = choose_solver(problem, use_a, use_b)
     if solver not in ("direct", "cg"):
@@ -217,9 +214,9 @@ def solve_ridge_path(
     shards = [slice(s, min(m, s + size)) for s in range(0, m, size)]
 
     def solve_shard(cols: slice) -> list[RidgeSolution]:
-        warm = [None if w is None else RidgeSolution(
-            *(None if a is None else a[:, cols] for a in (w.A, w.B, w.alpha0, w.beta0)), w.iterations, w.solver)
-            for w in warm_starts]
+        warm = None if warm_start is None else RidgeSolution(
+            *(None if a is None else a[:, cols] for a in (warm_start.A, warm_start.B, warm_start.alpha0,
+                                                           warm_start.beta0)), warm_start.iterations, warm_start.solver)
         return _solve_shard_path(
             problem.select_tests(cols),
             [None if lam is None else lam[cols] for lam in lams_a],
@@ -249,7 +246,7 @@ def _solve_shard_path(
     solver: str,
     tol: float,
     max_iter: int,
-    warm_starts: list[RidgeSolution | None],
+    warm_start: RidgeSolution | None,
 ) -> list[RidgeSolution]:
     projector = GroupProjector(problem.prev, problem.intercept)
     if solver == "direct":
@@ -257,12 +254,12 @@ def _solve_shard_path(
     else:
         system = _CGSystem(problem, projector, lams_a[0] is not None, lams_b[0] is not None)
         isotropic = all(a is None or b is None or np.array_equal(a, b) for a, b in zip(lams_a, lams_b))
-        if len(lams_a) > 1 and isotropic and all(w is None for w in warm_starts):
+        if len(lams_a) > 1 and isotropic and warm_start is None:
             blocks = system.solve_shifts([b if a is None else a for a, b in zip(lams_a, lams_b)], tol, max_iter)
         else:
-            blocks, previous = [], None
-            for lam_a, lam_b, warm in zip(lams_a, lams_b, warm_starts):
-                A, B, iterations = system.solve(lam_a, lam_b, tol, max_iter, warm if warm is not None else previous)
+            blocks, previous = [], warm_start
+            for lam_a, lam_b in zip(lams_a, lams_b):
+                A, B, iterations = system.solve(lam_a, lam_b, tol, max_iter, previous)
                 previous = RidgeSolution(A, B, None, None, iterations, solver)
                 blocks.append((A, B, iterations))
     out = []
