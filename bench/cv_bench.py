@@ -73,24 +73,20 @@ def timed(fn, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
-def per_penalty_errors(sim: sf.SimfluenceLinear, runs: sf.RunSet, raw_grid: list[float]) -> np.ndarray:
-    """Cross-validation errors ``[I, G, m]`` the way it was done before the path: a separate
-    ``solve_ridge`` per penalty (on the summed errors), warm-started from the previous one."""
-    intercepts, _ = sim.candidates()
-    errors = np.zeros((len(intercepts), len(raw_grid), runs.n_tests))
-    probe = type(sim).from_hyperparameters(sim.hyperparameters())
-    probe.n_train, probe.test_ids = runs.n_train, runs.test_ids
-    for fit_index, val_index in runs.run_folds(sim.cv_folds, sim.seed):
-        fitting, validation = runs.select_runs(fit_index), runs.select_runs(val_index)
-        for a, intercept in enumerate(intercepts):
-            problem = TransitionProblem.from_runs(fitting, sim.base, intercept)
-            warm = None
-            for g, l2 in enumerate(raw_grid):
-                warm = solve_ridge(problem, l2, l2, solver=sim.solver, warm_start=warm, threads=sim.threads)
-                probe._set_solution(warm)
-                pred = probe.simulate(validation.batches, validation.initial_loss)
-                errors[a, g] += ((pred[:, 1:] - validation.losses[:, 1:]) ** 2).sum(axis=(0, 1))
-    return errors / (runs.n_runs * runs.n_steps)
+class PerPenalty(sf.SimfluenceLinear):
+    """Simfluence-Linear cross-validated the way it was done before the path: a separate
+    ``solve_ridge`` to 1e-8 per penalty (its structure rebuilt each time), warm-started from the
+    previous one. Everything else (folds, validation, choice) is the simulator's own."""
+
+    def _solve(self, runs, intercept, path, tol=1e-8):
+        problem = TransitionProblem.from_runs(runs, self.base, intercept)
+        transitions = runs.n_runs * runs.n_steps
+        solutions, warm = [], None
+        for l2 in path:
+            warm = solve_ridge(problem, l2 * transitions, l2 * transitions, solver=self.solver, warm_start=warm,
+                               threads=self.threads)
+            solutions.append(warm)
+        return solutions
 
 
 def reference_revision(rev: str, sizes: list) -> dict:
@@ -144,8 +140,8 @@ def main() -> None:
     _, path_final_s = timed(path_sim.fit_with, fitting, intercept, l2)
     path_s = path_cv_s + path_final_s
 
-    old_sim = sf.SimfluenceLinear(intercept="cv", l2="cv", l2_grid=grid, cv_folds=FOLDS)
-    old_errors, old_cv_s = timed(per_penalty_errors, old_sim, fitting, [v * fold_n for v in old_sim.candidates()[1]])
+    old_sim = PerPenalty(intercept="cv", l2="cv", l2_grid=grid, cv_folds=FOLDS)
+    old_errors, old_cv_s = timed(old_sim.cross_validation_errors, fitting)
     old_intercept, old_l2 = old_sim.choose(old_errors)
     _, old_final_s = timed(old_sim.fit_with, fitting, old_intercept, old_l2 * fold_n / all_n)
     old_s = old_cv_s + old_final_s
