@@ -81,9 +81,8 @@ class Plan:
 class Request:
     """A checked optimisation request: the simulator and base run (``question``), the test
     positions, the slots ``bool[T, b]`` of the experiment's runs, the constraints in force and the
-    feasible search space they make, the
-    most repeats of one example within one of the simulator's fitting runs, and the trust
-    region ``bounds: float[2, m]`` (None: unbounded)."""
+    feasible search space they make, and the most repeats of one example within one of the
+    simulator's fitting runs."""
 
     question: Question
     positions: np.ndarray
@@ -91,7 +90,6 @@ class Request:
     constraints: Constraints
     space: optimize.Space
     fitted_max_repeats: int
-    bounds: np.ndarray | None
 
 
 def check_request(warehouse: Warehouse, experiment: str, ref: str = "best", tests: list[int] | None = None,
@@ -106,15 +104,18 @@ def check_request(warehouse: Warehouse, experiment: str, ref: str = "best", test
     simulator = question.simulator
     positions = test_positions(simulator, question.initial_loss, tests)
     fitted = max_repeats_in_runs(warehouse, experiment, question.fit_run_ids)
-    bounds = None
-    if trust_region:
-        if constraints.max_repeats is None and fitted:
-            constraints = replace(constraints, max_repeats=fitted)
-        seen = load_runset(warehouse, experiment, run_ids=question.fit_run_ids, test_ids=simulator.test_ids).losses
-        bounds = np.stack([seen.min(axis=(0, 1)), seen.max(axis=(0, 1))])
+    if trust_region and constraints.max_repeats is None and fitted:
+        constraints = replace(constraints, max_repeats=fitted)
     slots = question.curriculum >= 0
     space = optimize.search_space(simulator.n_train, slots, constraints)  # raises on impossible constraints
-    return Request(question, positions, slots, constraints, space, fitted, bounds)
+    return Request(question, positions, slots, constraints, space, fitted)
+
+
+def loss_range(warehouse: Warehouse, experiment: str, question: Question) -> np.ndarray:
+    """``float[2, m]``: the lowest and highest loss (per test example, over every step) in the
+    runs the simulator was fitted on: the trust region of :func:`check_request`."""
+    seen = load_runset(warehouse, experiment, run_ids=question.fit_run_ids, test_ids=question.simulator.test_ids)
+    return np.stack([seen.losses.min(axis=(0, 1)), seen.losses.max(axis=(0, 1))])
 
 
 def propose(warehouse: Warehouse, experiment: str, ref: str = "best", tests: list[int] | None = None,
@@ -127,10 +128,11 @@ def propose(warehouse: Warehouse, experiment: str, ref: str = "best", tests: lis
     request = check_request(warehouse, experiment, ref, tests, constraints, trust_region)
     question, positions = request.question, request.positions
     simulator = question.simulator
+    bounds = loss_range(warehouse, experiment, question) if trust_region else None  # read only to search
     proposal = optimize.optimize(simulator, question.initial_loss, request.slots, request.constraints,
                                  tests=positions, starts=settings.starts, iterations=settings.iterations,
                                  candidates=settings.candidates, temperature=settings.temperature,
-                                 bounds=request.bounds, seed=settings.seed)
+                                 bounds=bounds, seed=settings.seed)
     others = optimize.random_curricula(request.space, random, np.random.default_rng([settings.seed, 1]))
     chosen = np.concatenate([proposal.curriculum[None], others])
     predicted = optimize.final_loss(simulator, chosen, question.initial_loss, positions)
@@ -138,7 +140,7 @@ def propose(warehouse: Warehouse, experiment: str, ref: str = "best", tests: lis
     return Plan(experiment, question.version, question.name, int(question.run_id),
                 [int(t) for t in simulator.test_ids[positions]], positions, chosen, predicted, proposal.start,
                 proposal.evaluations, error.mean, error.spread, len(question.heldout_run_ids), request.constraints,
-                request.fitted_max_repeats, request.bounds is not None)
+                request.fitted_max_repeats, trust_region)
 
 
 def train_in_process(config: ExperimentConfig, warehouse: Warehouse, plan: Plan, run_ids: list[int],
