@@ -271,10 +271,11 @@ def cmd_progress(args: argparse.Namespace) -> dict:
 
     warehouse = _warehouse(args)
     started = time.monotonic()
-    first, _ = finished_runs(warehouse.shard_root, args.experiment, args.runs)
-    shown, last_print = None, 0.0
+    first = shown = None  # runs complete at the start (the rate counts from them); last line shown
+    last_print = 0.0
     while True:
         complete, failed = finished_runs(warehouse.shard_root, args.experiment, args.runs)
+        first = complete if first is None else first
         alive = args.while_pid is None or _pid_alive(args.while_pid)
         now = time.monotonic()
         if (complete, failed) != shown or now - last_print >= 60 or complete + failed >= args.runs or not alive:
@@ -398,12 +399,7 @@ class TestIdsError(UserError, ValueError):
 
 def _tests(args: argparse.Namespace) -> list[int] | None:
     """The test example ids of ``--tests`` (default all)."""
-    if not args.tests:
-        return None
-    try:
-        return [int(t) for t in args.tests.split(",") if t.strip()]
-    except ValueError:
-        raise TestIdsError(f"--tests takes comma-separated test example ids, got {args.tests!r}") from None
+    return list(_id_list(args.tests, "--tests", "test", TestIdsError)) or None
 
 
 def _interval(low: float, high: float) -> str:
@@ -573,10 +569,10 @@ def cmd_effects(args: argparse.Namespace) -> dict:
     import polars as pl
 
     from simfluence_platform.tasks.effects import compute_effects
-    from simfluence_platform.tasks.whatif import write_table
+    from simfluence_platform.tasks.whatif import check_table_path, write_table
 
     if args.out:
-        _check_table_path(args.out)
+        check_table_path(args.out)  # before the work
     answer = compute_effects(_warehouse(args), args.experiment, args.ref, args.curricula, args.bootstrap, args.seed,
                              ANSWER.level)
     tests = _tests(args)
@@ -610,14 +606,6 @@ def cmd_effects(args: argparse.Namespace) -> dict:
         if args.out:
             print(f"table: {out['table']}")
     return out
-
-
-def _check_table_path(path: str) -> None:
-    """Refuse an export path with a suffix other than .csv or .parquet before any work."""
-    from simfluence_platform.tasks.whatif import TableFormatError
-
-    if not path.lower().endswith((".csv", ".parquet")):
-        raise TableFormatError(f"{path}: write tables as .csv or .parquet")
 
 
 def cmd_report(args: argparse.Namespace) -> dict:
@@ -760,14 +748,15 @@ class IdListError(UserError, ValueError):
     """An option that takes comma-separated example ids given something else."""
 
 
-def _id_list(text: str | None, option: str) -> tuple[int, ...]:
-    """The integer ids of a comma-separated option (empty when absent)."""
+def _id_list(text: str | None, option: str, kind: str = "training",
+             error: type[UserError] = IdListError) -> tuple[int, ...]:
+    """The integer ids of a comma-separated option naming ``kind`` examples (empty when absent)."""
     if not text:
         return ()
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise IdListError(f"{option} takes comma-separated training example ids, got {text!r}") from None
+        raise error(f"{option} takes comma-separated {kind} example ids, got {text!r}") from None
 
 
 class CurriculumOutError(UserError, ValueError):

@@ -170,14 +170,19 @@ def trajectory_table(steps_by_name: dict[str, np.ndarray], test_ids: np.ndarray,
     return pl.DataFrame(columns).with_columns(pl.all().fill_nan(None))
 
 
+def check_table_path(path: str | Path) -> Path:
+    """``path`` as a Path, or TableFormatError unless it ends in .csv or .parquet."""
+    if Path(path).suffix.lower() not in (".csv", ".parquet"):
+        raise TableFormatError(f"{path}: write tables as .csv or .parquet")
+    return Path(path)
+
+
 def write_table(frame: pl.DataFrame, path: str | Path) -> Path:
-    """CSV or Parquet by the file's suffix."""
-    path = Path(path)
+    """CSV or Parquet by the file's suffix (checked before anything is written)."""
+    path = check_table_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".parquet":
         frame.write_parquet(path)
-    elif path.suffix.lower() == ".csv":
-        frame.write_csv(path)
     else:
-        raise TableFormatError(f"{path}: write tables as .csv or .parquet")
+        frame.write_csv(path)
     return path
