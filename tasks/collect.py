@@ -122,13 +122,9 @@ def train_group(config: ExperimentConfig, trainer, warehouse: Warehouse, run_ids
         ids = list(writers)
         if not ids:
             return result
-        batched = None
-        if len(ids) > 1:
-            from simfluence_platform.tasks.batched import BatchedTrainer
-
-            batched = BatchedTrainer(trainer)
+        batched = trainer.batched if len(ids) > 1 else None
         reference = config.gradients.reference_run
-        recorder = (GradientRecorder(config, trainer, batched, ids.index(reference))
+        recorder = (GradientRecorder(config, trainer, batches[reference][0], batched, ids.index(reference))
                     if gradients and reference in ids else None)
         hooks = [hook for hook in (recorder, on_step) if hook is not None]
 

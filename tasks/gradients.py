@@ -185,13 +185,14 @@ class GradientRecorder:
     It leaves the run's weights, optimizer and random state as it found them.
     """
 
-    def __init__(self, config: ExperimentConfig, trainer: Trainer, batched=None, run: int = 0,
-                 loop: bool = False) -> None:
+    def __init__(self, config: ExperimentConfig, trainer: Trainer, first_batch: np.ndarray, batched=None,
+                 run: int = 0, loop: bool = False) -> None:
+        """``first_batch``: ``int[b]`` the reference run's first batch (-1 pads)."""
         self.config, self.trainer, self.batched, self.run, self.loop = config, trainer, batched, run, loop
         g = config.gradients
         self.steps = sorted(g.checkpoint_steps)
         self.sketch = CountSketch(trainer.n_trainable, g.projection_dim, g.seed, trainer.device)
-        self.first_batch = curriculum_for_run(config, g.reference_run)[0]
+        self.first_batch = first_batch
         self.adam = config.training.optimizer == "adamw"
         self.train_grads: list[np.ndarray] = []
         self.test_grads: list[np.ndarray] = []
@@ -234,7 +235,7 @@ class GradientRecorder:
 def gradient_checkpoints(config: ExperimentConfig, trainer: Trainer, loop: bool = False) -> GradientCheckpoints:
     """Train the reference run (again) and take its gradient checkpoints; for an experiment
     whose reference run was collected without them (collection takes them in-run)."""
-    recorder = GradientRecorder(config, trainer, loop=loop)
     reference = config.gradients.reference_run
-    return recorder.result(trainer.run(curriculum_for_run(config, reference), run_seed(config, reference),
-                                       on_step=recorder))
+    batches = curriculum_for_run(config, reference)
+    recorder = GradientRecorder(config, trainer, batches[0], loop=loop)
+    return recorder.result(trainer.run(batches, run_seed(config, reference), on_step=recorder))
