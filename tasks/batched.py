@@ -112,7 +112,6 @@ class BatchedTrainer:
                 break
             start = time.perf_counter()
             rows, weights = stack_rows(data, batches[:, step - 1])
-            trainer.model.train(False)  # dropout is off whenever parallel_runs > 1 (evaluate sets eval too)
             for group in self.optimizer.param_groups:
                 group["lr"] = rates[step - 1]
             mask = self.functional.mask(rows.attention_mask)

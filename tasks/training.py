@@ -82,6 +82,14 @@ class Trainer:
 
         return FunctionalModel(self)
 
+    @functools.cached_property
+    def batched(self):
+        """This trainer's :class:`~.batched.BatchedTrainer` (several runs at once), built once:
+        a collection trains group after group on it."""
+        from simfluence_platform.tasks.batched import BatchedTrainer
+
+        return BatchedTrainer(self)
+
     @property
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters)
