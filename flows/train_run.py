@@ -17,8 +17,8 @@ from prefect.runtime import flow_run
 
 from simfluence_platform.flows.common import experiment_config, group_name, warehouse as open_warehouse
 from simfluence_platform.storage.experiments import config_hash
-from simfluence_platform.storage.shards import ShardError, write_gradients
-from simfluence_platform.tasks.collect import groups, train_group, train_run as train_one
+from simfluence_platform.storage.shards import write_gradients
+from simfluence_platform.tasks.collect import groups, train_group
 from simfluence_platform.tasks.data import load_examples
 
 
@@ -54,23 +54,17 @@ def train_run(run_ids: list[int], preset: str | None = "demo", config_path: str 
     config = experiment_config(preset, config_path, experiment, warehouse)
     trainer = Trainer(config, load_examples(config.data, config.model.task))
     wh, logger = open_warehouse(warehouse), get_run_logger()
+    given = None if curriculum is None else {run_ids[0]: np.asarray(curriculum, dtype=np.int64)}
     runs = {}
-    if curriculum is not None:
-        try:
-            outcome = train_one(config, trainer, wh, run_ids[0], batches=np.asarray(curriculum, dtype=np.int64),
-                                curriculum_kind=curriculum_kind)
-            runs[run_ids[0]] = {"status": outcome.status, "reason": outcome.reason}
-        except ShardError as error:  # another live process holds it, or it is complete already
-            runs[run_ids[0]] = {"status": "skipped", "reason": str(error)}
-    else:
-        for group in groups(config, list(run_ids)):
-            result = train_group(config, trainer, wh, group, gradients, log=logger.info)
-            if result.gradients is not None:
-                path = write_gradients(wh.shard_root, config.name, config.gradients.reference_run, result.gradients)
-                logger.info(f"run {config.gradients.reference_run} of {config.name}: gradient checkpoints "
-                            f"taken while it trained, written to {path}")
-            runs.update({r: {"status": "skipped", "reason": reason} for r, reason in result.skipped.items()})
-            runs.update({r: {"status": o.status, "reason": o.reason} for r, o in result.outcomes.items()})
+    for group in groups(config, list(run_ids)):
+        result = train_group(config, trainer, wh, group, gradients, log=logger.info, curricula=given,
+                             curriculum_kind=curriculum_kind)
+        if result.gradients is not None:
+            path = write_gradients(wh.shard_root, config.name, config.gradients.reference_run, result.gradients)
+            logger.info(f"run {config.gradients.reference_run} of {config.name}: gradient checkpoints "
+                        f"taken while it trained, written to {path}")
+        runs.update({r: {"status": "skipped", "reason": reason} for r, reason in result.skipped.items()})
+        runs.update({r: {"status": o.status, "reason": o.reason} for r, o in result.outcomes.items()})
     for run_id, run in runs.items():
         reason = f" ({run['reason']})" if run["reason"] else ""
         logger.info(f"run {run_id} of {config.name}: {run['status']}{reason}")

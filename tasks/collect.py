@@ -100,13 +100,16 @@ class GroupResult:
 
 def train_group(config: ExperimentConfig, trainer, warehouse: Warehouse, run_ids: list[int],
                 gradients: bool = False, log: Callable[[str], None] = lambda message: None,
-                on_step: Callable[[int], None] | None = None) -> GroupResult:
+                on_step: Callable[[int], None] | None = None, curricula: dict[int, np.ndarray] | None = None,
+                curriculum_kind: str | None = None) -> GroupResult:
     """Train runs ``run_ids`` (at most ``training.parallel_runs``) together in this process and
     stream each one's own shards and completion marker (does not ingest): one at a time alone,
     else on a :class:`~simfluence_platform.tasks.batched.BatchedTrainer`. A run that another
     live process holds, or that is already complete, is left out. With ``gradients``, the
     reference run's checkpoints are taken while it trains (when it is among them).
-    ``on_step(t)`` follows the group's steps as in :meth:`Trainer.run`."""
+    ``on_step(t)`` follows the group's steps as in :meth:`Trainer.run`. ``curricula`` gives some
+    runs their curriculum (``int[T, b]``) instead of the sampled one, recorded as
+    ``curriculum_kind`` (see :func:`open_run`)."""
     from simfluence_platform.tasks.gradients import GradientRecorder
 
     result = GroupResult()
@@ -115,7 +118,8 @@ def train_group(config: ExperimentConfig, trainer, warehouse: Warehouse, run_ids
     try:
         for run_id in run_ids:
             try:
-                batches[run_id], writers[run_id] = open_run(config, warehouse, run_id, len(trainer.test_data))
+                batches[run_id], writers[run_id] = open_run(config, warehouse, run_id, len(trainer.test_data),
+                                                            (curricula or {}).get(run_id), curriculum_kind)
             except ShardError as error:  # RunBusyError, or completed meanwhile by another collection
                 log(f"run {run_id}: skipped ({error})")
                 result.skipped[run_id] = str(error)
