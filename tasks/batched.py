@@ -28,7 +28,7 @@ from torch.func import vmap
 
 from simfluence_platform.storage.shards import LossShardWriter
 from simfluence_platform.tasks.functional import stack_rows
-from simfluence_platform.tasks.training import RunOutcome, Trainer, adam_step_scale
+from simfluence_platform.tasks.training import RunOutcome, Trainer, adam_step_scale, finish_run, set_learning_rate
 
 
 class BatchedTrainer:
@@ -112,8 +112,7 @@ class BatchedTrainer:
                 break
             start = time.perf_counter()
             rows, weights = stack_rows(data, batches[:, step - 1])
-            for group in self.optimizer.param_groups:
-                group["lr"] = rates[step - 1]
+            set_learning_rate(self.optimizer, rates[step - 1])
             mask = self.functional.mask(rows.attention_mask)
             per_example = train_loss(self.stacked, shaped(rows.input_ids), shaped(mask), shaped(rows.labels),
                                      shaped(rows.prefix))
@@ -128,9 +127,4 @@ class BatchedTrainer:
             record(step)
             if on_step is not None:
                 on_step(step)
-        outcomes = []
-        for k in range(K):
-            if writers[k] is not None:
-                writers[k].fail(failures[k]) if failures[k] else writers[k].complete()
-            outcomes.append(RunOutcome("failed" if failures[k] else "complete", failures[k], losses[k], rates))
-        return outcomes
+        return [finish_run(writers[k], failures[k], losses[k], rates) for k in range(K)]

@@ -186,8 +186,7 @@ class Trainer:
             ids = curriculum[step - 1]
             batch = self.train_data.rows(torch.as_tensor(ids[ids >= 0], device=self.device))
             self.model.train(t.dropout)
-            for group in optimiser.param_groups:
-                group["lr"] = rates[step - 1]
+            set_learning_rate(optimiser, rates[step - 1])
             loss = self.loss(batch).mean()
             if not torch.isfinite(loss):
                 failure = f"training loss became non-finite at update {step}"
@@ -200,9 +199,22 @@ class Trainer:
             failure = record(step)
             if on_step is not None:
                 on_step(step)
-        if writer is not None:
-            writer.fail(failure) if failure else writer.complete()
-        return RunOutcome("failed" if failure else "complete", failure, losses, rates)
+        return finish_run(writer, failure, losses, rates)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, rate: float) -> None:
+    """The learning rate of every parameter group for the next update."""
+    for group in optimizer.param_groups:
+        group["lr"] = rate
+
+
+def finish_run(writer: LossShardWriter | None, failure: str | None, losses: np.ndarray,
+               rates: np.ndarray) -> RunOutcome:
+    """Complete (or fail, with ``failure``) the run's shards and return its outcome; ``losses``
+    ``float64[T+1, m]`` (nats), ``rates`` ``float[T]``."""
+    if writer is not None:
+        writer.fail(failure) if failure else writer.complete()
+    return RunOutcome("failed" if failure else "complete", failure, losses, rates)
 
 
 def adam_step_scale(config: ExperimentConfig, optimizer: torch.optim.Optimizer | None, parameters: list[torch.Tensor],
