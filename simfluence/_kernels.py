@@ -93,17 +93,48 @@ def design_transpose(batches, prev, values, use_a, use_b, q2, group, group_mean,
                     out_b[i, j] += v[j]
 
 
-@numba.njit(nogil=True, cache=True, fastmath=True)
-def shift_update(x, p, r, step, decay, weight):  # pragma: no cover
-    """One shifted system's update in multi-shift CG, in place and in one pass over ``[n, m]``
-    arrays: ``x += step * p`` then ``p = decay * p + weight * r``, with per-column (test
-    example) scalars ``step``, ``decay``, ``weight`` of shape ``[m]``."""
-    n, m = x.shape
-    for i in range(n):
-        x_i, p_i, r_i = x[i], p[i], r[i]
+@numba.njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
+def multishift_update(x, p, r, shifts, zeta, zeta_old, alpha, alpha_old, beta, beta_old, res, tol, done,
+                      iteration):  # pragma: no cover
+    """One iteration of multi-shift CG for every shifted system not yet converged, in place.
+
+    For shift ``s`` (``done[s] == 0``) and test column ``j``: the new ``zeta`` from the base
+    system's ``alpha``, ``beta`` of this and the previous iteration, then ``x[s] += step * p[s]``
+    and ``p[s] = decay * p[s] + zeta_new * r`` with ``step = alpha * zeta_new / zeta`` and
+    ``decay = beta * (zeta_new / zeta)^2``; ``done[s] = iteration`` once every column's
+    residual ``|zeta_new| * res`` is at most ``tol``.
+
+    Shapes: x, p ``[S, k, n, m]`` (k blocks: A and/or B); r ``[k, n, m]`` the base residual;
+    shifts, zeta, zeta_old ``[S, m]``; alpha, alpha_old, beta, beta_old, res ``[m]``; done
+    ``int64[S]``."""
+    S, k, n, m = x.shape
+    step = np.empty(m)
+    decay = np.empty(m)
+    weight = np.empty(m)
+    for s in range(S):
+        if done[s]:
+            continue
+        converged = True
         for j in range(m):
-            x_i[j] += step[j] * p_i[j]
-            p_i[j] = decay[j] * p_i[j] + weight[j] * r_i[j]
+            denom = (alpha[j] * beta_old[j] * (zeta_old[s, j] - zeta[s, j])
+                     + zeta_old[s, j] * alpha_old[j] * (1.0 + shifts[s, j] * alpha[j]))
+            zeta_new = zeta[s, j] * zeta_old[s, j] * alpha_old[j] / denom if denom != 0.0 else 0.0
+            ratio = zeta_new / zeta[s, j] if zeta[s, j] != 0.0 else 0.0
+            step[j] = alpha[j] * ratio
+            decay[j] = beta[j] * ratio * ratio
+            weight[j] = zeta_new
+            zeta_old[s, j] = zeta[s, j]
+            zeta[s, j] = zeta_new
+            if abs(zeta_new) * res[j] > tol:
+                converged = False
+        for b in range(k):
+            for i in range(n):
+                x_i, p_i, r_i = x[s, b, i], p[s, b, i], r[b, i]
+                for j in range(m):
+                    x_i[j] += step[j] * p_i[j]
+                    p_i[j] = decay[j] * p_i[j] + weight[j] * r_i[j]
+        if converged:
+            done[s] = iteration
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True, error_model="numpy")

@@ -40,7 +40,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
-from simfluence._kernels import design_apply, design_transpose, shift_update
+from simfluence._kernels import design_apply, design_transpose, multishift_update
 from simfluence.errors import SimfluenceError
 from simfluence.runset import PAD, RunSet
 
@@ -296,6 +296,7 @@ class GroupProjector:
         if intercept == "none":
             self.flat_q2 = np.zeros((0, m))
             self.group_of_transition = np.zeros(R * T, dtype=np.int64)
+            self.group_size = np.full((1, 1), R * T)
             return
         self.axes = (0,) if intercept == "step" else (0, 1)
         self.size = prev.shape[0] if intercept == "step" else prev.shape[0] * prev.shape[1]
@@ -308,11 +309,12 @@ class GroupProjector:
         self.flat_q2 = self.q2.reshape(R * T, m)
         steps = np.tile(np.arange(T, dtype=np.int64), R)
         self.group_of_transition = steps if intercept == "step" else np.zeros(R * T, dtype=np.int64)
+        self.group_size = np.bincount(self.group_of_transition)[:, None]  # [G, 1] transitions per group
 
     @property
     def n_groups(self) -> int:
         """Number of intercept groups G (1 for ``none``, where nothing is projected)."""
-        return int(self.group_of_transition.max()) + 1
+        return len(self.group_size)
 
     def apply(self, values: np.ndarray) -> np.ndarray:
         """``M v`` for ``v`` of shape ``[R, T, m]`` (returns a new array)."""
@@ -372,9 +374,11 @@ def _apply_design_transpose(
 
 
 def _normal_product(
-    problem: TransitionProblem, projector: GroupProjector, A: np.ndarray | None, B: np.ndarray | None
+    problem: TransitionProblem, projector: GroupProjector, A: np.ndarray | None, B: np.ndarray | None,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """X_j^T M_j X_j w_j for every test example (no penalty), fused in two kernel passes."""
+    """X_j^T M_j X_j w_j for every test example (no penalty), fused in two kernel passes; written
+    into ``out`` (the A and B parts, ``[n, m]`` each, 0 rows for a missing block) when given."""
     R, T, m = problem.shape
     use_a, use_b = A is not None, B is not None
     batches = problem.batches.reshape(R * T, -1)
@@ -384,10 +388,9 @@ def _normal_product(
     group_q2_sum = np.zeros((projector.n_groups, m))
     design_apply(batches, prev, *_blocks(A, B, m), projector.flat_q2, projector.group_of_transition,
                  fitted, group_sum, group_q2_sum)
-    group_size = np.bincount(projector.group_of_transition, minlength=projector.n_groups)[:, None]
-    out_a, out_b = _outputs(problem.n_train, m, use_a, use_b)
+    out_a, out_b = _outputs(problem.n_train, m, use_a, use_b) if out is None else out
     design_transpose(batches, prev, fitted, use_a, use_b, projector.flat_q2,
-                     projector.group_of_transition, group_sum / group_size, group_q2_sum, out_a, out_b)
+                     projector.group_of_transition, group_sum / projector.group_size, group_q2_sum, out_a, out_b)
     return (out_a if use_a else None), (out_b if use_b else None)
 
 
@@ -513,55 +516,43 @@ class _CGSystem:
         """
         use_a, use_b = self.use_a, self.use_b
         base = np.min(lams, axis=0)
-        shifts = [lam - base for lam in lams]
+        shifts = np.array([lam - base for lam in lams])  # [S, m]
+        # The blocks stacked as [k, n, m] (k = 1 or 2) so that one kernel call updates them all.
+        b = np.stack([x for x, used in ((self.rhs_a, use_a), (self.rhs_b, use_b)) if used])
 
-        def op(v):
-            ga, gb = _normal_product(self.problem, self.projector, v[0], v[1])
-            return [None if g is None else g + base * x for g, x in ((ga, v[0]), (gb, v[1]))]
+        def blocks(v: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+            return (v[0] if use_a else None), (v[-1] if use_b else None)
 
-        def dot(u, v):
-            return _col_dot(u[0], v[0], u[1], v[1])
+        empty = np.zeros((0, b.shape[2]))
+        q = np.empty_like(b)
+        out = (q[0] if use_a else empty, q[-1] if use_b else empty)
 
-        b = [self.rhs_a if use_a else None, self.rhs_b if use_b else None]
-        r = [None if x is None else x.copy() for x in b]
-        p = [None if x is None else x.copy() for x in b]
-        xs = [[None if x is None else np.zeros_like(x) for x in b] for _ in shifts]
-        ps = [[None if x is None else x.copy() for x in b] for _ in shifts]
-        zeta = [np.ones_like(base) for _ in shifts]
-        zeta_old = [np.ones_like(base) for _ in shifts]
-        done = [0] * len(shifts)  # iteration at which each penalty converged (0: not yet)
+        def op(v: np.ndarray) -> np.ndarray:
+            _normal_product(self.problem, self.projector, *blocks(v), out=out)
+            q[:] += base * v
+            return q
+
+        r, p = b.copy(), b.copy()
+        xs = np.zeros((len(lams),) + b.shape)
+        ps = np.repeat(b[None], len(lams), axis=0)
+        zeta, zeta_old = np.ones_like(shifts), np.ones_like(shifts)
+        done = np.zeros(len(lams), dtype=np.int64)  # iteration at which each penalty converged (0: not yet)
         alpha_old, beta_old = np.ones_like(base), np.zeros_like(base)
-        rr = dot(r, r)
+        rr = np.einsum("knm,knm->m", r, r)
         for iteration in range(1, max_iter + 1):
             q = op(p)
-            pq = dot(p, q)
+            pq = np.einsum("knm,knm->m", p, q)
             alpha = np.divide(rr, pq, out=np.zeros_like(rr), where=pq > 0)
-            for k, x in enumerate(r):
-                if x is not None:
-                    x -= alpha * q[k]
-            rr_new = dot(r, r)
+            r -= alpha * q
+            rr_new = np.einsum("knm,knm->m", r, r)
             beta = np.divide(rr_new, rr, out=np.zeros_like(rr), where=rr > 0)
             res = np.sqrt(rr_new) / self.rhs_norm
-            for s, sigma in enumerate(shifts):
-                if done[s]:
-                    continue
-                denom = alpha * beta_old * (zeta_old[s] - zeta[s]) + zeta_old[s] * alpha_old * (1 + sigma * alpha)
-                zeta_new = np.divide(zeta[s] * zeta_old[s] * alpha_old, denom, out=np.zeros_like(denom),
-                                     where=denom != 0)
-                ratio = np.divide(zeta_new, zeta[s], out=np.zeros_like(denom), where=zeta[s] != 0)
-                step, decay = alpha * ratio, beta * ratio * ratio
-                for k in range(2):
-                    if xs[s][k] is not None:
-                        shift_update(xs[s][k], ps[s][k], r[k], step, decay, zeta_new)
-                zeta_old[s], zeta[s] = zeta[s], zeta_new
-                if np.all(np.abs(zeta_new) * res <= tol):
-                    done[s] = iteration
-            if all(done):
-                return [(x[0], x[1], it) for x, it in zip(xs, done)]
-            for k in range(2):
-                if p[k] is not None:
-                    p[k] *= beta
-                    p[k] += r[k]
+            multishift_update(xs, ps, r, shifts, zeta, zeta_old, alpha, alpha_old, beta, beta_old, res, tol,
+                              done, iteration)
+            if done.all():
+                return [(*blocks(x), int(it)) for x, it in zip(xs, done)]
+            p *= beta
+            p += r
             rr, alpha_old, beta_old = rr_new, alpha, beta
         raise SolverError(
             f"conjugate gradients did not reach tolerance {tol:g} in {max_iter} iterations at every penalty "
