@@ -430,7 +430,7 @@ def cmd_whatif(args: argparse.Namespace) -> dict:
     result, draws = whatif.change_draws(question.simulator, question.curriculum, edited, question.initial_loss,
                                         refitted)
     low, high = whatif.interval(draws, ANSWER.level)
-    error = heldout_error(question, heldout_runs(warehouse, args.experiment, question))
+    error = heldout_error(question, heldout_runs(warehouse, args.experiment, question), tests)
     columns = {"simulated_base": result.base, "simulated_whatif": result.edited}
     if question.observed is not None:
         columns = {"observed": question.observed, **columns}
@@ -501,7 +501,6 @@ def cmd_whatif(args: argparse.Namespace) -> dict:
 
 def cmd_influence(args: argparse.Namespace) -> dict:
     """Rank training examples by leave-one-out effect; pair interactions; order effects."""
-    import numpy as np
     import polars as pl
     from tqdm import tqdm
 
@@ -516,9 +515,10 @@ def cmd_influence(args: argparse.Namespace) -> dict:
     stages.update()
     ranking = whatif.influence(question.simulator, question.curriculum, question.initial_loss, tests, refitted,
                                ANSWER.level)
-    error = heldout_error(question, heldout_runs(warehouse, args.experiment, question))
-    scale = error.mean if tests is None else float(np.mean([error.per_test[p] for p in whatif.test_positions(
-        question.simulator, question.initial_loss, tests)]))
+    # The effects are on the mean final loss over the chosen test examples: compare them with the
+    # simulator's held-out error of that same mean.
+    positions = whatif.test_positions(question.simulator, question.initial_loss, tests)
+    scale = heldout_error(question, heldout_runs(warehouse, args.experiment, question), positions).mean
     examples = _examples(args, "train")
     ranking = ranking.with_columns(
         (pl.col("effect").abs() < scale).alias("below_error"),

@@ -89,6 +89,28 @@ def test_influence_ranks_every_example_in_the_run(experiment, tmp_path, capsys):
     assert all(row["label"] and row["text"] for row in out["helpful"] + out["harmful"])
 
 
+def test_answers_for_chosen_tests_compare_with_the_error_of_their_mean(experiment, capsys):
+    """With --tests, whatif's and influence's held-out error is the simulator's error of the mean
+    final loss over those test examples on its held-out runs (what their mean answers are on),
+    computed here from the stored runs."""
+    wh = str(experiment.path)
+    code, whatif_out = run(capsys, "whatif", "--experiment", "tiny", "--warehouse", wh, "--edit", "remove:3",
+                           "--tests", "0,2", "--bootstrap", "0")
+    assert code == 0
+    code, influence_out = run(capsys, "influence", "--experiment", "tiny", "--warehouse", wh, "--tests", "0,2",
+                              "--bootstrap", "0", "--pairs", "2")
+    assert code == 0 and influence_out["version"] == whatif_out["version"]
+    simulator, info = registry.load(experiment, "tiny", whatif_out["version"])
+    held = load_runset(experiment, "tiny", run_ids=info.manifest["heldout_run_ids"], test_ids=simulator.test_ids)
+    chosen = [list(simulator.test_ids).index(t) for t in (0, 2)]
+    final = simulator.simulate(held.batches, held.initial_loss)[:, -1, chosen].mean(axis=1)
+    expected = float(np.sqrt(np.mean((final - held.losses[:, -1, chosen].mean(axis=1)) ** 2)))
+    assert whatif_out["heldout_final_error"]["mean"] == pytest.approx(expected, rel=1e-9)
+    assert influence_out["heldout_final_error"] == pytest.approx(expected, rel=1e-9)
+    mean = whatif_out["mean_change"]
+    assert mean["below_error"] == (abs(mean["effect"]) < expected)
+
+
 def test_effects_table_equals_brute_force_leave_one_out(experiment, tmp_path, capsys):
     """The stored table against removing each example from each held-out curriculum through the
     simulator, one simulation at a time; the views and the export carry the same numbers."""
