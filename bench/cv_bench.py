@@ -7,9 +7,10 @@ default n=300, m=200, 40 fitting runs of 100 steps, b=8, 10 held-out runs), in o
   median of three);
 - the cross-validated fit (3 intercepts x 8 penalties over 5 folds of whole runs), each fold
   and intercept solved as one penalty path (``solve_ridge_path``) to the CV tolerance
-  (``simfluence.simulators.CV_TOLERANCE``), the final fit to 1e-8;
+  (``simfluence.simulators.CV_TOLERANCE``) with float32 operator products
+  (``CV_SHIFT_DTYPE``), the final fit to 1e-8 in float64;
 - the same cross-validation the way it was done before the path: one ``solve_ridge`` per
-  penalty to 1e-8 (its structure rebuilt each time), warm-started from the previous penalty,
+  penalty to 1e-8 in float64 (its structure rebuilt each time), warm-started from the previous penalty,
   on the same penalties, then the final fit at the chosen penalty as that code did it;
 - optionally (``--reference-rev main``) the cross-validated and the fixed fit of another git
   revision's ``simfluence`` (extracted with ``git archive``, run in a subprocess on the same
@@ -78,7 +79,7 @@ class PerPenalty(sf.SimfluenceLinear):
     ``solve_ridge`` to 1e-8 per penalty (its structure rebuilt each time), warm-started from the
     previous one. Everything else (folds, validation, choice) is the simulator's own."""
 
-    def _solve(self, runs, intercept, path, tol=1e-8):
+    def _solve(self, runs, intercept, path, tol=1e-8, shift_dtype=np.float64):
         problem = TransitionProblem.from_runs(runs, self.base, intercept)
         transitions = runs.n_runs * runs.n_steps
         solutions, warm = [], None

@@ -5,7 +5,8 @@ few non-zeros per row, a few hundred dense columns). These numba kernels make on
 the transition arrays, keep the small ``[n, m]`` tables in cache (the solvers pass shards of at
 most 64 test examples: the A and B tables of n = 1,000 training examples then fit in a core's
 L2 cache), and fuse the intercept projection. They are serial and release the GIL, so callers parallelise over shards of
-test examples with threads. Arrays are float64 and C-contiguous; ``-1`` in ``batches`` pads.
+test examples with threads. Arrays are C-contiguous, all float64 or all float32 (accumulators
+take the output's type); ``-1`` in ``batches`` pads.
 
 Shapes: batches ``int64[N, b]``; prev, q2, values, out ``[N, m]`` (q2 may have 0 rows when
 nothing is projected); group ``int64[N]`` intercept group of each transition; A, B, out_a,
@@ -25,8 +26,8 @@ def design_apply(batches, prev, A, B, use_a, use_b, q2, group, out, group_sum, g
     N, width = batches.shape
     m = out.shape[1]
     project = q2.shape[0] > 0
-    acc_a = np.zeros(m)
-    acc_b = np.zeros(m)
+    acc_a = np.zeros(m, dtype=out.dtype)
+    acc_b = np.zeros(m, dtype=out.dtype)
     for k in range(N):
         for j in range(m):
             acc_a[j] = 0.0
@@ -65,8 +66,8 @@ def design_transpose(batches, prev, values, use_a, use_b, q2, group, group_mean,
     project = q2.shape[0] > 0
     out_a[:] = 0.0
     out_b[:] = 0.0
-    v = np.zeros(m)
-    weighted = np.zeros(m)
+    v = np.zeros(m, dtype=out_a.dtype)
+    weighted = np.zeros(m, dtype=out_a.dtype)
     for k in range(N):
         if project:
             g = group[k]

@@ -31,6 +31,7 @@ Krylov sequence for every penalty). :func:`solve_ridge` is the path of one penal
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +44,12 @@ import scipy.sparse as sp
 from simfluence._kernels import design_apply, design_transpose, multishift_update
 from simfluence.errors import SimfluenceError
 from simfluence.runset import PAD, RunSet
+
+# Test examples per shard are chosen so that a shard's A and B tables ([n, columns] each, the
+# rows the kernels gather and scatter) take at most this many bytes in float64: they stay in a
+# core's L2 cache (64 columns at n = 1,000; about 1.2x faster per CG iteration than half that
+# at n = 300, measured on 2 cores).
+SHARD_TABLE_BYTES = 2**20
 
 Intercept = Literal["none", "constant", "step"]
 SolverName = Literal["auto", "direct", "cg"]
@@ -142,7 +149,7 @@ def solve_ridge(
     max_iter: int = 2000,
     warm_start: RidgeSolution | None = None,
     threads: int | None = None,
-    shard_size: int = 64,
+    shard_size: int | None = None,
 ) -> RidgeSolution:
     """Solve the ridge problem exactly for every test example at one penalty: the penalty
     path (:func:`solve_ridge_path`) of length one. Arguments as there, for one penalty."""
@@ -162,7 +169,8 @@ def solve_ridge_path(
     max_iter: int = 2000,
     warm_start: RidgeSolution | None = None,
     threads: int | None = None,
-    shard_size: int = 64,
+    shard_size: int | None = None,
+    shift_dtype: type = np.float64,
 ) -> list[RidgeSolution]:
     """Solve the ridge problem exactly for every test example at every penalty of a path.
 
@@ -174,7 +182,8 @@ def solve_ridge_path(
     the one :func:`solve_ridge` gives at that penalty alone (to the CG tolerance).
 
     Test examples are independent problems; they are solved in equal shards of at most
-    ``shard_size`` columns (cache-sized; a multiple of the threads when there are enough
+    ``shard_size`` columns (cache-sized: by default as many as keep the A and B tables of a
+    shard within ``SHARD_TABLE_BYTES`` in float64; a multiple of the threads when there are enough
     columns), in parallel on ``threads`` threads (default: every core), each shard walking the
     whole path.
 
@@ -191,7 +200,10 @@ def solve_ridge_path(
         warm_start: a solution to start CG from at the first penalty (default zeros); each
             later penalty starts from the previous one's solution.
         threads: worker threads (None: ``os.cpu_count()``).
-        shard_size: test examples per shard.
+        shard_size: test examples per shard (default: cache-sized, see above).
+        shift_dtype: the type multi-shift CG computes its operator products in (its vectors,
+            inner products and recurrences stay float64); ``np.float32`` halves the memory
+            traffic of the products, for solutions needed only to a loose ``tol``.
 
     Returns:
         One :class:`RidgeSolution` per penalty, in the order given.
@@ -208,6 +220,8 @@ def solve_ridge_path(
     if solver not in ("direct", "cg"):
         raise SolverError(f"solver must be 'auto', 'direct' or 'cg', got {solver!r}")
     workers = max(1, threads or os.cpu_count() or 1)
+    if shard_size is None:
+        shard_size = max(8, SHARD_TABLE_BYTES // (16 * problem.n_train))
     count = -(-m // shard_size)  # shards of at most shard_size columns, as many as a multiple of
     count = min(m, -(-count // workers) * workers)  # the workers when there are enough columns,
     size = -(-m // count)  # equally sized so that no thread idles at the end
@@ -221,7 +235,7 @@ def solve_ridge_path(
             problem.select_tests(cols),
             [None if lam is None else lam[cols] for lam in lams_a],
             [None if lam is None else lam[cols] for lam in lams_b],
-            solver, tol, max_iter, warm,
+            solver, tol, max_iter, warm, shift_dtype,
         )
 
     workers = min(len(shards), workers)
@@ -247,15 +261,21 @@ def _solve_shard_path(
     tol: float,
     max_iter: int,
     warm_start: RidgeSolution | None,
+    shift_dtype: type = np.float64,
 ) -> list[RidgeSolution]:
     projector = GroupProjector(problem.prev, problem.intercept)
+    operator = _NormalOperator(problem, projector)
+    fitted_by = operator  # gives the solutions' fitted values, for their intercepts
     if solver == "direct":
-        blocks = [(A, B, 0) for A, B in _solve_direct(problem, projector, lams_a, lams_b)]
+        blocks = [(A, B, 0) for A, B in _solve_direct(problem, projector, operator, lams_a, lams_b)]
     else:
-        system = _CGSystem(problem, projector, lams_a[0] is not None, lams_b[0] is not None)
+        system = _CGSystem(problem, projector, operator, lams_a[0] is not None, lams_b[0] is not None)
         isotropic = all(a is None or b is None or np.array_equal(a, b) for a, b in zip(lams_a, lams_b))
         if len(lams_a) > 1 and isotropic and warm_start is None:
-            blocks = system.solve_shifts([b if a is None else a for a, b in zip(lams_a, lams_b)], tol, max_iter)
+            if shift_dtype != np.float64:
+                fitted_by = _NormalOperator(problem, projector, shift_dtype)
+            blocks = system.solve_shifts([b if a is None else a for a, b in zip(lams_a, lams_b)], tol, max_iter,
+                                         fitted_by)
         else:
             blocks, previous = [], warm_start
             for lam_a, lam_b in zip(lams_a, lams_b):
@@ -264,7 +284,7 @@ def _solve_shard_path(
                 blocks.append((A, B, iterations))
     out = []
     for A, B, iterations in blocks:
-        residual = problem.target - _apply_design(problem, A, B)
+        residual = problem.target - fitted_by.design(A, B).reshape(problem.shape)
         alpha0, beta0 = projector.intercepts(residual)
         out.append(RidgeSolution(A, B, alpha0, beta0, iterations, solver))
     return out
@@ -346,97 +366,102 @@ def _penalty(value: float | np.ndarray, m: int, name: str) -> np.ndarray:
     return lam
 
 
-def _apply_design(problem: TransitionProblem, A: np.ndarray | None, B: np.ndarray | None) -> np.ndarray:
-    """X_j w_j for every test example: ``float64[R, T, m]``."""
-    R, T, m = problem.shape
-    out = np.empty((R * T, m))
-    no_groups = np.zeros((1, m))
-    design_apply(
-        problem.batches.reshape(R * T, -1), problem.prev.reshape(R * T, m), *_blocks(A, B, m),
-        np.zeros((0, m)), np.zeros(R * T, dtype=np.int64), out, no_groups, no_groups.copy(),
-    )
-    return out.reshape(R, T, m)
+class _NormalOperator:
+    """``X_j^T M_j X_j w_j`` for every test example of a shard (no penalty), computed in
+    ``dtype``: the kernels' inputs (flattened transitions, previous losses and projection basis
+    in that type) are prepared once, and the fitted values ``[R*T, m]`` are a reused buffer."""
 
+    def __init__(self, problem: TransitionProblem, projector: GroupProjector, dtype: type = np.float64) -> None:
+        R, T, m = problem.shape
+        self.n, self.m, self.dtype = problem.n_train, m, dtype
+        self.batches = problem.batches.reshape(R * T, -1)
+        self.prev = problem.prev.reshape(R * T, m).astype(dtype)
+        self.q2 = projector.flat_q2.astype(dtype)
+        self.group = projector.group_of_transition
+        self.group_size = projector.group_size.astype(dtype)
+        self.fitted = np.empty((R * T, m), dtype)
+        self.empty = np.zeros((0, m), dtype)
 
-def _apply_design_transpose(
-    problem: TransitionProblem, values: np.ndarray, use_a: bool, use_b: bool
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """X_j^T v_j for every test example, for ``v`` of shape ``[R, T, m]``: (A part, B part)."""
-    R, T, m = problem.shape
-    out_a, out_b = _outputs(problem.n_train, m, use_a, use_b)
-    no_groups = np.zeros((1, m))
-    design_transpose(
-        problem.batches.reshape(R * T, -1), problem.prev.reshape(R * T, m),
-        np.ascontiguousarray(values).reshape(R * T, m), use_a, use_b, np.zeros((0, m)),
-        np.zeros(R * T, dtype=np.int64), no_groups, no_groups, out_a, out_b,
-    )
-    return (out_a if use_a else None), (out_b if use_b else None)
+    def _cast(self, block: np.ndarray | None) -> np.ndarray:
+        return self.empty if block is None else np.ascontiguousarray(block, dtype=self.dtype)
 
+    def design(self, A: np.ndarray | None, B: np.ndarray | None) -> np.ndarray:
+        """``X_j w_j`` for every test example, ``[R*T, m]`` in this operator's dtype (no
+        projection), for blocks ``[n, m]`` of any float type (None for a missing block)."""
+        out = np.empty_like(self.fitted)
+        no_groups = np.zeros((1, self.m), self.dtype)
+        design_apply(self.batches, self.prev, self._cast(A), self._cast(B), A is not None, B is not None,
+                     self.empty, self.group, out, no_groups, no_groups.copy())
+        return out
 
-def _normal_product(
-    problem: TransitionProblem, projector: GroupProjector, A: np.ndarray | None, B: np.ndarray | None,
-    out: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """X_j^T M_j X_j w_j for every test example (no penalty), fused in two kernel passes; written
-    into ``out`` (the A and B parts, ``[n, m]`` each, 0 rows for a missing block) when given."""
-    R, T, m = problem.shape
-    use_a, use_b = A is not None, B is not None
-    batches = problem.batches.reshape(R * T, -1)
-    prev = problem.prev.reshape(R * T, m)
-    fitted = np.empty((R * T, m))
-    group_sum = np.zeros((projector.n_groups, m))
-    group_q2_sum = np.zeros((projector.n_groups, m))
-    design_apply(batches, prev, *_blocks(A, B, m), projector.flat_q2, projector.group_of_transition,
-                 fitted, group_sum, group_q2_sum)
-    out_a, out_b = _outputs(problem.n_train, m, use_a, use_b) if out is None else out
-    design_transpose(batches, prev, fitted, use_a, use_b, projector.flat_q2,
-                     projector.group_of_transition, group_sum / projector.group_size, group_q2_sum, out_a, out_b)
-    return (out_a if use_a else None), (out_b if use_b else None)
+    def transpose(self, values: np.ndarray, use_a: bool, use_b: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``X_j^T v_j`` for every test example (no projection), for ``v`` ``[R*T, m]``: (A
+        part, B part), each ``[n, m]`` in this operator's dtype or None for a missing block."""
+        out = self._outputs(use_a, use_b)
+        no_groups = np.zeros((1, self.m), self.dtype)
+        design_transpose(self.batches, self.prev, np.ascontiguousarray(values, dtype=self.dtype), use_a, use_b,
+                         self.empty, self.group, no_groups, no_groups, *out)
+        return (out[0] if use_a else None), (out[1] if use_b else None)
 
+    def _outputs(self, use_a: bool, use_b: bool) -> tuple[np.ndarray, np.ndarray]:
+        return (np.empty((self.n if use_a else 0, self.m), self.dtype),
+                np.empty((self.n if use_b else 0, self.m), self.dtype))
 
-def _blocks(A: np.ndarray | None, B: np.ndarray | None, m: int) -> tuple:
-    """Kernel arguments (A, B, use_a, use_b) with empty arrays for a missing block."""
-    empty = np.zeros((0, m))
-    return (
-        empty if A is None else np.ascontiguousarray(A),
-        empty if B is None else np.ascontiguousarray(B),
-        A is not None,
-        B is not None,
-    )
-
-
-def _outputs(n: int, m: int, use_a: bool, use_b: bool) -> tuple[np.ndarray, np.ndarray]:
-    return np.empty((n, m) if use_a else (0, m)), np.empty((n, m) if use_b else (0, m))
+    def __call__(self, A: np.ndarray | None, B: np.ndarray | None,
+                 out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(A part, B part) of the product for blocks ``[n, m]`` of this operator's dtype (None
+        for a block the model lacks); written into ``out`` (two ``[n, m]`` arrays, 0 rows for a
+        missing block) when given."""
+        use_a, use_b = A is not None, B is not None
+        group_sum = np.zeros((len(self.group_size), self.m), self.dtype)
+        group_q2_sum = np.zeros_like(group_sum)
+        design_apply(self.batches, self.prev, self._cast(A), self._cast(B), use_a, use_b, self.q2, self.group,
+                     self.fitted, group_sum, group_q2_sum)
+        if out is None:
+            out = self._outputs(use_a, use_b)
+        design_transpose(self.batches, self.prev, self.fitted, use_a, use_b, self.q2, self.group,
+                         group_sum / self.group_size, group_q2_sum, *out)
+        return (out[0] if use_a else None), (out[1] if use_b else None)
 
 
 class _CGSystem:
     """The penalty-free part of the normal equations of one shard, for conjugate gradients at
-    any penalty: the right-hand side X^T M y and the data part of the block-Jacobi
-    preconditioner (each training example's 2 x 2 (A_i, B_i) block of X^T X)."""
+    any penalty: the operator X^T M X (float64), the right-hand side X^T M y and, when
+    preconditioned CG asks for it, the data part of the block-Jacobi preconditioner (each
+    training example's 2 x 2 (A_i, B_i) block of X^T X)."""
 
-    def __init__(self, problem: TransitionProblem, projector: GroupProjector, use_a: bool, use_b: bool) -> None:
+    def __init__(self, problem: TransitionProblem, projector: GroupProjector, operator: _NormalOperator,
+                 use_a: bool, use_b: bool) -> None:
+        self.problem, self.projector, self.operator, self.use_a, self.use_b = problem, projector, operator, use_a, use_b
         R, T, m = problem.shape
-        self.problem, self.projector, self.use_a, self.use_b = problem, projector, use_a, use_b
-        self.rhs_a, self.rhs_b = _apply_design_transpose(problem, projector.apply(problem.target), use_a, use_b)
+        self.rhs_a, self.rhs_b = operator.transpose(projector.apply(problem.target).reshape(R * T, m), use_a, use_b)
         rhs_norm = np.sqrt(_col_dot(self.rhs_a, self.rhs_a, self.rhs_b, self.rhs_b))
         self.rhs_norm = np.where(rhs_norm == 0, 1.0, rhs_norm)
+
+    @functools.cached_property
+    def _data_blocks(self) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
+        """(h_aa, h_ab, h_bb): each training example's 2 x 2 block of X^T X, ``[n, m]`` (h_bb
+        ``[n, 1]``); only preconditioned CG needs them."""
+        problem, use_a, use_b = self.problem, self.use_a, self.use_b
+        R, T, m = problem.shape
         sq_counts_t = problem.counts_t.multiply(problem.counts_t).tocsr()
         prev = problem.prev.reshape(R * T, m)
-        self.h_bb = np.asarray(sq_counts_t.sum(axis=1)).reshape(-1, 1)
-        self.h_aa = sq_counts_t @ (prev * prev) if use_a else None
-        self.h_ab = sq_counts_t @ prev if use_a and use_b else None
+        h_bb = np.asarray(sq_counts_t.sum(axis=1)).reshape(-1, 1)
+        return (sq_counts_t @ (prev * prev) if use_a else None, sq_counts_t @ prev if use_a and use_b else None,
+                h_bb)
 
     def _preconditioner(self, lam_a: np.ndarray | None, lam_b: np.ndarray | None):
         """The inverse of each training example's 2 x 2 block of X^T X + L, as a function."""
+        h_aa, h_ab, h_bb = self._data_blocks
         if self.use_a and self.use_b:
-            h_aa, h_bb = self.h_aa + lam_a, self.h_bb + lam_b
-            det = h_aa * h_bb - self.h_ab * self.h_ab
-            inv_aa, inv_bb, inv_ab = h_bb / det, h_aa / det, -self.h_ab / det
+            h_aa, h_bb = h_aa + lam_a, h_bb + lam_b
+            det = h_aa * h_bb - h_ab * h_ab
+            inv_aa, inv_bb, inv_ab = h_bb / det, h_aa / det, -h_ab / det
             return lambda ra, rb: (inv_aa * ra + inv_ab * rb, inv_ab * ra + inv_bb * rb)
         if self.use_a:
-            inv_aa = 1.0 / (self.h_aa + lam_a)
+            inv_aa = 1.0 / (h_aa + lam_a)
             return lambda ra, rb: (inv_aa * ra, None)
-        inv_bb = 1.0 / (self.h_bb + lam_b)
+        inv_bb = 1.0 / (h_bb + lam_b)
         return lambda ra, rb: (None, inv_bb * rb)
 
     def solve(
@@ -452,7 +477,7 @@ class _CGSystem:
         n, m = self.problem.n_train, self.problem.shape[2]
 
         def normal_op(A, B):
-            ga, gb = _normal_product(self.problem, self.projector, A, B)
+            ga, gb = self.operator(A, B)
             if use_a:
                 ga += lam_a * A
             if use_b:
@@ -502,7 +527,7 @@ class _CGSystem:
 
 
     def solve_shifts(
-        self, lams: list[np.ndarray], tol: float, max_iter: int
+        self, lams: list[np.ndarray], tol: float, max_iter: int, operator: _NormalOperator
     ) -> list[tuple[np.ndarray | None, np.ndarray | None, int]]:
         """(A, B, iterations) at every penalty of ``lams`` (each ``float[m]``, the same on A
         and B) from one Krylov sequence: multi-shift conjugate gradients from zero.
@@ -523,14 +548,14 @@ class _CGSystem:
         def blocks(v: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
             return (v[0] if use_a else None), (v[-1] if use_b else None)
 
-        empty = np.zeros((0, b.shape[2]))
+        q_op = np.empty(b.shape, operator.dtype)
+        out = (q_op[0] if use_a else operator.empty, q_op[-1] if use_b else operator.empty)
         q = np.empty_like(b)
-        out = (q[0] if use_a else empty, q[-1] if use_b else empty)
 
         def op(v: np.ndarray) -> np.ndarray:
-            _normal_product(self.problem, self.projector, *blocks(v), out=out)
-            q[:] += base * v
-            return q
+            operator(*blocks(v.astype(operator.dtype, copy=False)), out=out)
+            np.multiply(base, v, out=q)
+            return np.add(q, q_op, out=q)
 
         r, p = b.copy(), b.copy()
         xs = np.zeros((len(lams),) + b.shape)
@@ -540,7 +565,7 @@ class _CGSystem:
         alpha_old, beta_old = np.ones_like(base), np.zeros_like(base)
         rr = np.einsum("knm,knm->m", r, r)
         for iteration in range(1, max_iter + 1):
-            q = op(p)
+            op(p)
             pq = np.einsum("knm,knm->m", p, q)
             alpha = np.divide(rr, pq, out=np.zeros_like(rr), where=pq > 0)
             r -= alpha * q
@@ -573,6 +598,7 @@ def _col_dot(xa, ya, xb, yb) -> np.ndarray:
 def _solve_direct(
     problem: TransitionProblem,
     projector: GroupProjector,
+    operator: _NormalOperator,
     lams_a: list[np.ndarray | None],
     lams_b: list[np.ndarray | None],
     max_chunk_bytes: int = 256 * 2**20,
@@ -587,7 +613,7 @@ def _solve_direct(
     shared_bb = np.asarray(pairs_t.sum(axis=1)).reshape(n, n)
     group_counts = _group_count_matrix(problem) if problem.intercept != "none" else None
     prev = problem.prev.reshape(R * T, m)
-    rhs_a, rhs_b = _apply_design_transpose(problem, projector.apply(problem.target), use_a, use_b)
+    rhs_a, rhs_b = operator.transpose(projector.apply(problem.target).reshape(R * T, m), use_a, use_b)
     rhs = np.concatenate([r for r in (rhs_a, rhs_b) if r is not None], axis=0)  # [blocks*n, m]
     width = blocks * n
     chunk = max(1, min(m, max_chunk_bytes // (8 * (4 * width * width + 2 * n * n))))

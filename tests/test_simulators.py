@@ -310,17 +310,20 @@ def test_validation_errors_of_a_path_simulated_side_by_side_equal_one_simulation
 
 
 def test_cross_validation_at_its_tolerance_scores_as_exact_solves(monkeypatch):
-    """The CV paths are solved to CV_TOLERANCE: each test example's validation errors stay
-    within 5e-3 relative of 1e-10 solves and their mean over test examples (what the penalty
-    is chosen by) within 1e-3 (measured: 2e-3 and 3e-4 at most over three seeds), below the
-    sampling noise of a validation error; the choices are the same."""
+    """The CV paths are solved to CV_TOLERANCE with float32 operator products: each test
+    example's validation errors stay within 5e-3 relative of float64 1e-10 solves and their
+    mean over test examples (what the penalty is chosen by) within 1e-3 (measured: 2e-3 and
+    3e-4 at most over three seeds), below the sampling noise of a validation error; the choices
+    are the same."""
     import simfluence.simulators as simulators
 
     runs, _ = linear_runs(60, 12, 20, 30, 4, noise=0.01, step_intercept=True, seed=3)
     grid = (1e-6, 1e-4, 1e-2)
     loose = sf.SimfluenceLinear(intercept="cv", l2_grid=grid, cv_folds=4, solver="cg")
     loose_errors = loose.cross_validation_errors(runs)
+    assert simulators.CV_SHIFT_DTYPE == np.float32
     monkeypatch.setattr(simulators, "CV_TOLERANCE", 1e-10)
+    monkeypatch.setattr(simulators, "CV_SHIFT_DTYPE", np.float64)
     exact = sf.SimfluenceLinear(intercept="cv", l2_grid=grid, cv_folds=4, solver="cg")
     exact_errors = exact.cross_validation_errors(runs)
     assert not np.array_equal(loose_errors, exact_errors)  # the tolerance is in effect
