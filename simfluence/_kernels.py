@@ -139,6 +139,50 @@ def multishift_update(x, p, r, shifts, zeta, zeta_old, alpha, alpha_old, beta, b
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
+def multishift_iteration(product, p, p_operator, r, rr, alpha_old, beta_old, base, rhs_norm, x, ps, shifts, zeta,
+                         zeta_old, tol, done, iteration):  # pragma: no cover
+    """One iteration of multi-shift CG after the operator product, in place and fused: with
+    ``q = product + base * p`` (the base system's matrix times ``p``), ``alpha = rr / (p.q)``,
+    ``r -= alpha q``, ``beta = rr_new / rr``, every shifted system's update
+    (:func:`multishift_update`), then ``p = r + beta p`` and ``p_operator`` = p in the operator's
+    type (the next product's input); ``rr``, ``alpha_old``, ``beta_old`` become this iteration's.
+
+    Shapes: product, p_operator ``[k, n, m]`` in the operator's type; p, r ``[k, n, m]``; rr,
+    alpha_old, beta_old, base (the smallest penalty), rhs_norm ``[m]``; x, ps, shifts, zeta,
+    zeta_old, done as in :func:`multishift_update`."""
+    k, n, m = r.shape
+    pq = np.zeros(m)
+    for b in range(k):
+        for i in range(n):
+            for j in range(m):
+                pq[j] += p[b, i, j] * (product[b, i, j] + base[j] * p[b, i, j])
+    alpha = np.empty(m)
+    for j in range(m):
+        alpha[j] = rr[j] / pq[j] if pq[j] > 0.0 else 0.0
+    rr_new = np.zeros(m)
+    for b in range(k):
+        for i in range(n):
+            for j in range(m):
+                r[b, i, j] -= alpha[j] * (product[b, i, j] + base[j] * p[b, i, j])
+                rr_new[j] += r[b, i, j] * r[b, i, j]
+    beta = np.empty(m)
+    res = np.empty(m)
+    for j in range(m):
+        beta[j] = rr_new[j] / rr[j] if rr[j] > 0.0 else 0.0
+        res[j] = np.sqrt(rr_new[j]) / rhs_norm[j]
+    multishift_update(x, ps, r, shifts, zeta, zeta_old, alpha, alpha_old, beta, beta_old, res, tol, done, iteration)
+    for b in range(k):
+        for i in range(n):
+            for j in range(m):
+                p[b, i, j] = r[b, i, j] + beta[j] * p[b, i, j]
+                p_operator[b, i, j] = p[b, i, j]
+    for j in range(m):
+        rr[j] = rr_new[j]
+        alpha_old[j] = alpha[j]
+        beta_old[j] = beta[j]
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
 def linear_rollout(batches, A, B, use_a, use_b, alpha0, beta0, base, out, runs, cols):  # pragma: no cover
     """Roll Simfluence-Linear forward in place for runs ``runs[0]..runs[1]-1`` and test columns
     ``cols[0]..cols[1]-1``: ``out[r, 0]`` holds the initial losses and update ``t`` gives

@@ -41,7 +41,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
-from simfluence._kernels import design_apply, design_transpose, multishift_update
+from simfluence._kernels import design_apply, design_transpose, multishift_iteration
 from simfluence.errors import SimfluenceError
 from simfluence.runset import PAD, RunSet
 
@@ -548,16 +548,10 @@ class _CGSystem:
         def blocks(v: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
             return (v[0] if use_a else None), (v[-1] if use_b else None)
 
-        q_op = np.empty(b.shape, operator.dtype)
-        out = (q_op[0] if use_a else operator.empty, q_op[-1] if use_b else operator.empty)
-        q = np.empty_like(b)
-
-        def op(v: np.ndarray) -> np.ndarray:
-            operator(*blocks(v.astype(operator.dtype, copy=False)), out=out)
-            np.multiply(base, v, out=q)
-            return np.add(q, q_op, out=q)
-
+        product = np.empty(b.shape, operator.dtype)  # K p (the penalty-free operator), [k, n, m]
+        out = (product[0] if use_a else operator.empty, product[-1] if use_b else operator.empty)
         r, p = b.copy(), b.copy()
+        p_operator = p.astype(operator.dtype)
         xs = np.zeros((len(lams),) + b.shape)
         ps = np.repeat(b[None], len(lams), axis=0)
         zeta, zeta_old = np.ones_like(shifts), np.ones_like(shifts)
@@ -565,20 +559,11 @@ class _CGSystem:
         alpha_old, beta_old = np.ones_like(base), np.zeros_like(base)
         rr = np.einsum("knm,knm->m", r, r)
         for iteration in range(1, max_iter + 1):
-            op(p)
-            pq = np.einsum("knm,knm->m", p, q)
-            alpha = np.divide(rr, pq, out=np.zeros_like(rr), where=pq > 0)
-            r -= alpha * q
-            rr_new = np.einsum("knm,knm->m", r, r)
-            beta = np.divide(rr_new, rr, out=np.zeros_like(rr), where=rr > 0)
-            res = np.sqrt(rr_new) / self.rhs_norm
-            multishift_update(xs, ps, r, shifts, zeta, zeta_old, alpha, alpha_old, beta, beta_old, res, tol,
-                              done, iteration)
+            operator(*blocks(p_operator), out=out)
+            multishift_iteration(product, p, p_operator, r, rr, alpha_old, beta_old, base, self.rhs_norm, xs, ps,
+                                 shifts, zeta, zeta_old, tol, done, iteration)
             if done.all():
                 return [(*blocks(x), int(it)) for x, it in zip(xs, done)]
-            p *= beta
-            p += r
-            rr, alpha_old, beta_old = rr_new, alpha, beta
         raise SolverError(
             f"conjugate gradients did not reach tolerance {tol:g} in {max_iter} iterations at every penalty "
             f"of the path; raise the penalties or use solver='direct'"
