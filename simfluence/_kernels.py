@@ -2,11 +2,13 @@
 
 SciPy's CSR-times-dense runs at a fraction of memory bandwidth for the shapes used here (a
 few non-zeros per row, a few hundred dense columns). These numba kernels make one pass over
-the transition arrays, keep the small ``[n, m]`` tables in cache (the solvers pass shards of at
-most 64 test examples: the A and B tables of n = 1,000 training examples then fit in a core's
-L2 cache), and fuse the intercept projection. They are serial and release the GIL, so callers parallelise over shards of
-test examples with threads. Arrays are C-contiguous, all float64 or all float32 (accumulators
-take the output's type); ``-1`` in ``batches`` pads.
+the transition arrays, keep the small ``[n, m]`` tables in cache (the solvers pass shards of
+test examples whose A and B tables fit in a core's L2 cache: see
+``simfluence.solvers.SHARD_TABLE_BYTES``), and fuse the intercept projection. They are serial
+and release the GIL, so callers parallelise over shards of test examples with threads. Arrays
+are C-contiguous, all float64 or all float32 (accumulators take the output's type); ``-1`` in
+``batches`` pads. ``multishift_iteration`` is the rest of a multi-shift CG iteration, in
+float64 whatever the operator's type.
 
 Shapes: batches ``int64[N, b]``; prev, q2, values, out ``[N, m]`` (q2 may have 0 rows when
 nothing is projected); group ``int64[N]`` intercept group of each transition; A, B, out_a,

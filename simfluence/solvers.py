@@ -47,8 +47,8 @@ from simfluence.runset import PAD, RunSet
 
 # Test examples per shard are chosen so that a shard's A and B tables ([n, columns] each, the
 # rows the kernels gather and scatter) take at most this many bytes in float64: they stay in a
-# core's L2 cache (64 columns at n = 1,000; about 1.2x faster per CG iteration than half that
-# at n = 300, measured on 2 cores).
+# core's L2 cache (at most 65 columns at n = 1,000, 218 at n = 300; at n = 300, shards of 100
+# were about 1.2x faster per CG iteration than shards of 50, measured on 2 cores).
 SHARD_TABLE_BYTES = 2**20
 
 Intercept = Literal["none", "constant", "step"]
@@ -330,11 +330,6 @@ class GroupProjector:
         steps = np.tile(np.arange(T, dtype=np.int64), R)
         self.group_of_transition = steps if intercept == "step" else np.zeros(R * T, dtype=np.int64)
         self.group_size = np.bincount(self.group_of_transition)[:, None]  # [G, 1] transitions per group
-
-    @property
-    def n_groups(self) -> int:
-        """Number of intercept groups G (1 for ``none``, where nothing is projected)."""
-        return len(self.group_size)
 
     def apply(self, values: np.ndarray) -> np.ndarray:
         """``M v`` for ``v`` of shape ``[R, T, m]`` (returns a new array)."""
