@@ -54,7 +54,8 @@ import simfluence as sf
 n, m, runs, steps, batch, heldout_runs, fixed = json.loads(sys.argv[1])
 data, _ = sf.synthetic.linear_runs(n, m, runs + heldout_runs, steps, batch, noise=0.01, step_intercept=True, seed=0)
 fitting, heldout = data.split(heldout_runs, seed=0)
-sf.SimfluenceLinear(intercept="step", l2=fixed).fit(fitting.select_tests([0]))
+sf.SimfluenceLinear(intercept="step", l2=fixed).fit(fitting.select_tests([0]))  # compile the kernels,
+sf.SimfluenceLinear(intercept="cv", l2="cv", cv_folds=5).fit(fitting.select_tests([0, 1]))  # the CV ones too
 ones = []
 for _ in range(3):
     start = time.perf_counter(); sf.SimfluenceLinear(intercept="step", l2=fixed).fit(fitting)
@@ -131,7 +132,9 @@ def main() -> None:
     def heldout_mse(sim: sf.SimfluenceLinear) -> float:
         return sf.metrics.all_steps_mse(sim.simulate(heldout.batches, heldout.initial_loss), heldout.losses)
 
-    sf.SimfluenceLinear(intercept="step", l2=1.0).fit(fitting.select_tests([0]))  # compile the kernels
+    sf.SimfluenceLinear(intercept="step", l2=1.0).fit(fitting.select_tests([0]))  # compile the kernels,
+    sf.SimfluenceLinear(intercept="cv", l2="cv", l2_grid=grid, cv_folds=FOLDS).fit(
+        fitting.select_tests([0, 1]))  # the cross-validation ones too (timed runs never compile)
     one_s = float(np.median([timed(sf.SimfluenceLinear(intercept="step", l2=FIXED_L2 / all_n).fit, fitting)[1]
                              for _ in range(3)]))
 

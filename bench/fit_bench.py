@@ -52,7 +52,8 @@ def bench_fit(name: str, spec: dict, cv: bool, sgd_budget: float) -> dict:
                           noise=0.01, step_intercept=True, seed=0)
     fitting, heldout = runs.split(5, seed=0)
     l2 = L2 / (fitting.n_runs * fitting.n_steps)  # per transition
-    sf.SimfluenceLinear(intercept="step", l2=l2).fit(fitting.select_tests([0]))  # compile kernels
+    sf.SimfluenceLinear(intercept="step", l2=l2).fit(fitting.select_tests([0]))  # compile kernels,
+    sf.SimfluenceLinear(intercept="cv", l2="cv", cv_folds=3).fit(fitting.select_tests([0, 1]))  # the CV ones too
     simulator, fit_s = timed(sf.SimfluenceLinear(intercept="step", l2=l2).fit, fitting)
     problem = TransitionProblem.from_runs(fitting, 1.0, "step")
     solution = solve_ridge(problem, L2, L2)

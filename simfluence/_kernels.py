@@ -6,8 +6,8 @@ the transition arrays, keep the small ``[n, m]`` tables in cache (the solvers pa
 test examples whose A and B tables fit in a core's L2 cache: see
 ``simfluence.solvers.SHARD_TABLE_BYTES``), and fuse the intercept projection. They are serial
 and release the GIL, so callers parallelise over shards of test examples with threads. Arrays
-are C-contiguous, all float64 or all float32 (accumulators take the output's type); ``-1`` in
-``batches`` pads. ``multishift_iteration`` is the rest of a multi-shift CG iteration, in
+are C-contiguous, all float64 or all float32 (accumulators take the output's type) but for the
+group sums and means, which may be float64 either way; ``-1`` in ``batches`` pads. ``multishift_iteration`` is the rest of a multi-shift CG iteration, in
 float64 whatever the operator's type.
 
 Shapes: batches ``int64[N, b]``; prev, q2, values, out ``[N, m]`` (q2 may have 0 rows when

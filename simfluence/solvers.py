@@ -50,6 +50,8 @@ from simfluence.runset import PAD, RunSet
 # core's L2 cache (at most 65 columns at n = 1,000, 218 at n = 300; at n = 300, shards of 100
 # were about 1.2x faster per CG iteration than shards of 50, measured on 2 cores).
 SHARD_TABLE_BYTES = 2**20
+# The smallest CG tolerance asked of float32 operator products (``shift_dtype``).
+FLOAT32_MIN_TOL = 1e-6
 
 Intercept = Literal["none", "constant", "step"]
 SolverName = Literal["auto", "direct", "cg"]
@@ -177,9 +179,11 @@ def solve_ridge_path(
     Everything that does not depend on the penalty is built once per shard of test examples
     and shared by the whole path: the intercept projection, the right-hand sides, and either
     the Gram matrices (``direct``: one batched solve per penalty against the same Gram) or the
-    data part of the preconditioner (``cg``: each penalty is started from the previous
-    penalty's solution, so order the path from large to small penalties). Each solution is
-    the one :func:`solve_ridge` gives at that penalty alone (to the CG tolerance).
+    normal operator (``cg``). On ``cg``, a path whose A and B share each penalty and has no
+    ``warm_start`` is solved by multi-shift CG from zero (one Krylov sequence for every
+    penalty, unpreconditioned); any other path by block-Jacobi PCG, each penalty started from
+    the previous penalty's solution (so order the path from large to small penalties). Each
+    solution is the one :func:`solve_ridge` gives at that penalty alone (to the CG tolerance).
 
     Test examples are independent problems; they are solved in equal shards of at most
     ``shard_size`` columns (cache-sized: by default as many as keep the A and B tables of a
@@ -201,9 +205,12 @@ def solve_ridge_path(
             later penalty starts from the previous one's solution.
         threads: worker threads (None: ``os.cpu_count()``).
         shard_size: test examples per shard (default: cache-sized, see above).
-        shift_dtype: the type multi-shift CG computes its operator products in (its vectors,
-            inner products and recurrences stay float64); ``np.float32`` halves the memory
-            traffic of the products, for solutions needed only to a loose ``tol``.
+        shift_dtype: the type multi-shift CG computes its operator products in, and the
+            solutions' fitted values for their intercepts (its vectors, inner products and
+            recurrences stay float64); ``np.float32`` halves the memory traffic of the
+            products, for solutions needed only to a loose ``tol`` (at least ``1e-6``: CG stops
+            on the residual its recurrence updates, which float32 products let drift from the
+            true one by more than that).
 
     Returns:
         One :class:`RidgeSolution` per penalty, in the order given.
@@ -219,6 +226,9 @@ def solve_ridge_path(
         solver = choose_solver(problem, use_a, use_b)
     if solver not in ("direct", "cg"):
         raise SolverError(f"solver must be 'auto', 'direct' or 'cg', got {solver!r}")
+    if shift_dtype != np.float64 and tol < FLOAT32_MIN_TOL:
+        raise SolverError(f"float32 operator products cannot reach tol={tol:g}; use a tolerance of at least "
+                          f"{FLOAT32_MIN_TOL:g} or shift_dtype=np.float64")
     workers = max(1, threads or os.cpu_count() or 1)
     if shard_size is None:
         shard_size = max(8, SHARD_TABLE_BYTES // (16 * problem.n_train))
@@ -364,18 +374,24 @@ def _penalty(value: float | np.ndarray, m: int, name: str) -> np.ndarray:
 class _NormalOperator:
     """``X_j^T M_j X_j w_j`` for every test example of a shard (no penalty), computed in
     ``dtype``: the kernels' inputs (flattened transitions, previous losses and projection basis
-    in that type) are prepared once, and the fitted values ``[R*T, m]`` are a reused buffer."""
+    in that type) are prepared once, and the fitted values ``[R*T, m]`` are a reused buffer;
+    the intercept groups' sums are float64 whatever the type (a group can hold every
+    transition)."""
 
     def __init__(self, problem: TransitionProblem, projector: GroupProjector, dtype: type = np.float64) -> None:
         R, T, m = problem.shape
         self.n, self.m, self.dtype = problem.n_train, m, dtype
         self.batches = problem.batches.reshape(R * T, -1)
-        self.prev = problem.prev.reshape(R * T, m).astype(dtype)
-        self.q2 = projector.flat_q2.astype(dtype)
+        self.prev = problem.prev.reshape(R * T, m).astype(dtype, copy=False)
+        self.q2 = projector.flat_q2.astype(dtype, copy=False)
         self.group = projector.group_of_transition
-        self.group_size = projector.group_size.astype(dtype)
-        self.fitted = np.empty((R * T, m), dtype)
+        self.group_size = projector.group_size
         self.empty = np.zeros((0, m), dtype)
+
+    @functools.cached_property
+    def fitted(self) -> np.ndarray:
+        """The products' buffer of fitted values, ``[R*T, m]``."""
+        return np.empty(self.prev.shape, self.dtype)
 
     def _cast(self, block: np.ndarray | None) -> np.ndarray:
         return self.empty if block is None else np.ascontiguousarray(block, dtype=self.dtype)
@@ -383,8 +399,8 @@ class _NormalOperator:
     def design(self, A: np.ndarray | None, B: np.ndarray | None) -> np.ndarray:
         """``X_j w_j`` for every test example, ``[R*T, m]`` in this operator's dtype (no
         projection), for blocks ``[n, m]`` of any float type (None for a missing block)."""
-        out = np.empty_like(self.fitted)
-        no_groups = np.zeros((1, self.m), self.dtype)
+        out = np.empty(self.prev.shape, self.dtype)
+        no_groups = np.zeros((1, self.m))
         design_apply(self.batches, self.prev, self._cast(A), self._cast(B), A is not None, B is not None,
                      self.empty, self.group, out, no_groups, no_groups.copy())
         return out
@@ -393,7 +409,7 @@ class _NormalOperator:
         """``X_j^T v_j`` for every test example (no projection), for ``v`` ``[R*T, m]``: (A
         part, B part), each ``[n, m]`` in this operator's dtype or None for a missing block."""
         out = self._outputs(use_a, use_b)
-        no_groups = np.zeros((1, self.m), self.dtype)
+        no_groups = np.zeros((1, self.m))
         design_transpose(self.batches, self.prev, np.ascontiguousarray(values, dtype=self.dtype), use_a, use_b,
                          self.empty, self.group, no_groups, no_groups, *out)
         return (out[0] if use_a else None), (out[1] if use_b else None)
@@ -408,8 +424,8 @@ class _NormalOperator:
         for a block the model lacks); written into ``out`` (two ``[n, m]`` arrays, 0 rows for a
         missing block) when given."""
         use_a, use_b = A is not None, B is not None
-        group_sum = np.zeros((len(self.group_size), self.m), self.dtype)
-        group_q2_sum = np.zeros_like(group_sum)
+        group_sum = np.zeros((len(self.group_size), self.m))  # float64 whatever the dtype: a group
+        group_q2_sum = np.zeros_like(group_sum)  # can hold every transition
         design_apply(self.batches, self.prev, self._cast(A), self._cast(B), use_a, use_b, self.q2, self.group,
                      self.fitted, group_sum, group_q2_sum)
         if out is None:
@@ -427,7 +443,7 @@ class _CGSystem:
 
     def __init__(self, problem: TransitionProblem, projector: GroupProjector, operator: _NormalOperator,
                  use_a: bool, use_b: bool) -> None:
-        self.problem, self.projector, self.operator, self.use_a, self.use_b = problem, projector, operator, use_a, use_b
+        self.problem, self.operator, self.use_a, self.use_b = problem, operator, use_a, use_b
         R, T, m = problem.shape
         self.rhs_a, self.rhs_b = operator.transpose(projector.apply(problem.target).reshape(R * T, m), use_a, use_b)
         rhs_norm = np.sqrt(_col_dot(self.rhs_a, self.rhs_a, self.rhs_b, self.rhs_b))

@@ -108,8 +108,9 @@ def test_penalty_path_equals_separate_solves(noisy_runs, solver, intercept, vari
 def test_penalty_path_with_single_precision_products(noisy_runs, intercept, variant):
     """Multi-shift CG with float32 operator products (what cross-validation uses, at its loose
     tolerance) meets the tolerance in float64: every solution's relative residual of the normal
-    equations, recomputed in float64, is at most tol (measured: 9.92e-5 against the float64
-    path's 9.90e-5 at tol 1e-4); the solutions stay float64."""
+    equations, recomputed in float64, is within 10% of tol (CG stops on its recurrence's
+    residual; measured: at most 9.92e-5 against the float64 path's 9.90e-5 at tol 1e-4); the
+    solutions stay float64. A tolerance float32 products cannot reach is refused."""
     use_a, use_b = VARIANTS[variant]
     problem = TransitionProblem.from_runs(noisy_runs, 1.0, intercept)
     projector = GroupProjector(problem.prev, intercept)
@@ -125,9 +126,12 @@ def test_penalty_path_with_single_precision_products(noisy_runs, intercept, vari
             if x is not None:
                 assert x.dtype == np.float64
                 squares = squares + np.sum((rhs - product - l2 * x) ** 2, axis=0)
-        assert np.max(np.sqrt(squares) / system.rhs_norm) <= tol, l2
+        assert np.max(np.sqrt(squares) / system.rhs_norm) <= 1.1 * tol, l2
         assert not np.array_equal(solution.B if solution.A is None else solution.A,
                                   reference.B if reference.A is None else reference.A)  # float32 products
+    with pytest.raises(SolverError, match="float32 operator products cannot reach tol=1e-08"):
+        solve_ridge_path(problem, PATH, PATH, use_a=use_a, use_b=use_b, solver="cg", tol=1e-8,
+                         shift_dtype=np.float32)
 
 
 @pytest.mark.parametrize("solver", ["direct", "cg"])
