@@ -54,10 +54,10 @@ DEFAULT_L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 # needs about half the iterations.
 CV_TOLERANCE = 1e-4
 # The type the cross-validation paths compute their operator products and their solutions'
-# fitted values in (multi-shift CG's vectors, inner products and recurrences stay float64): float32 halves the memory traffic of
-# the products, about 1.24x on a whole CV fit of the CV benchmark, and moved its validation
-# errors by at most 9e-4 relative per test example (1.5e-5 for the mean) against 1e-8 solves in
-# float64, with the same choices.
+# fitted values in (multi-shift CG's vectors, inner products and recurrences stay float64):
+# float32 halves the memory traffic of the products, about 1.24x on a whole CV fit of the CV
+# benchmark, and moved its validation errors by at most 9e-4 relative per test example (1.5e-5
+# for the mean) against 1e-8 solves in float64, with the same choices.
 CV_SHIFT_DTYPE = np.float32
 
 
